@@ -1,0 +1,123 @@
+"""Resolution policy and the one image preprocessing path.
+
+LLaVA-UHD v3 encodes each image at (close to) its native resolution: the aspect ratio is kept, the
+area is clamped to a pixel budget, the longest side is capped, and each side is snapped to the
+multiple the encoder needs (patch size x 2 per 2x2 compression step). Every consumer (data module,
+CLI, generation, benchmarks) goes through :func:`preprocess`, so training and inference see the
+same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ResolutionPolicy:
+    """Where an image of a given size is resized to before encoding."""
+
+    min_pixels: int = 512 * 512
+    """Smaller images are upscaled to at least this area (aspect ratio kept)."""
+    max_pixels: int = 1560 * 1560
+    """Larger images are downscaled to at most this area."""
+    max_side: int = 5120
+    """Cap on the longest side; wins over ``min_pixels`` for extreme aspect ratios."""
+    multiple: int = 40
+    """Each output side is a multiple of this (patch x 2^steps, e.g. 10 x 2 x 2 = 40)."""
+
+    def __post_init__(self) -> None:
+        if self.multiple <= 0:
+            raise ValueError(f"multiple must be positive, got {self.multiple}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.max_side < self.multiple:
+            raise ValueError(f"max_side {self.max_side} is smaller than the multiple {self.multiple}")
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) to resize an image of ``height x width`` to."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        area = height * width
+        scale = 1.0
+        if area < self.min_pixels:
+            scale = math.sqrt(self.min_pixels / area)
+        elif area > self.max_pixels:
+            scale = math.sqrt(self.max_pixels / area)
+        scale = min(scale, self.max_side / max(height, width))
+        target_area = height * width * scale * scale
+        aspect = height / width
+        m = self.multiple
+        cap = self.max_side // m * m
+        # Candidates around the scaled size; keep the valid one closest in aspect ratio, then in area.
+        candidates = []
+        for h in {min(cap, max(m, round(height * scale / m) * m + k * m)) for k in (-1, 0, 1)}:
+            for w in {min(cap, max(m, round(h / aspect / m) * m + k * m)) for k in (-1, 0, 1)}:
+                candidates.append((h, w))
+        valid = [(h, w) for h, w in candidates if self.min_pixels <= h * w <= self.max_pixels]
+        if not valid:  # extreme aspect ratio: max_side forbids reaching min_pixels; take the largest that fits
+            valid = [max((c for c in candidates if c[0] * c[1] <= self.max_pixels), key=lambda c: c[0] * c[1])]
+        return min(valid, key=lambda hw: (round(abs(math.log(hw[0] / hw[1] / aspect)), 3), abs(hw[0] * hw[1] - target_area)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: palette, grey, alpha (composited on white), CMYK, 16-bit and float."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        if image.mode.startswith("I;16") or (image.mode == "I" and hi > 255):
+            array = array / 65535.0 * 255.0 if hi > 255 else array
+        elif image.mode == "F" and hi <= 1.0 and lo >= 0.0:
+            array = array * 255.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Bicubic resize to (height, width); antialiased when shrinking (PIL filters over the support)."""
+    height, width = size
+    if image.size == (width, height):
+        return image
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        # Let libjpeg decode at a reduced scale first when shrinking a lot: same result within the
+        # bicubic's own smoothing, several times faster on big photographs.
+        image.draft(image.mode, (width, height))
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def normalize(image: Image.Image, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
+    """uint8 RGB PIL image -> float tensor [3, H, W], normalised per channel."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return (array.float() - mean_t) / std_t
+
+
+def preprocess(
+    image: Image.Image,
+    policy: ResolutionPolicy,
+    mean=SIGLIP_MEAN,
+    std=SIGLIP_STD,
+) -> torch.Tensor:
+    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise."""
+    height, width = image.height, image.width
+    target = policy.target_size(height, width)
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        image = resize(image, target)  # draft on the still-undecoded JPEG, then convert
+        return normalize(to_rgb(image), mean, std)
+    return normalize(resize(to_rgb(image), target), mean, std)
