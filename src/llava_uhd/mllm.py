@@ -1,0 +1,376 @@
+"""LLaVA-UHD v3 (arXiv 2511.21150): vision encoder -> projector -> LLM.
+
+Each image is encoded at its (policy-resized) native resolution, projected to the LLM width, and the
+tokens replace, in row-major order, the run of ``<|image_pad|>`` ids that the conversation code expanded
+each ``<image>`` placeholder into. The splice is one boolean mask + ``masked_scatter``; the number of
+``<|image_pad|>`` positions must equal the number of visual tokens.
+
+Three encoder kinds share this model, as in the paper's comparison (all timm names):
+
+- ViT-UHD (``vit_uhd_*``: patch 10 + WTC) with the ``mlp`` (16x) or ``merger`` (64x) projector;
+- GNE (``vit_gne_*``: patch 14, no WTC) with the ``merger`` (MoonViT / Qwen2-VL style);
+- SBE (``vit_sbe_*``, :mod:`llava_uhd.vision.slicing`): thumbnail + fixed-size slices, joined with
+  ``<|slice_sep|>`` / ``<|row_sep|>`` embeddings that take their place in the image's token run.
+
+A saved model folder (``save_pretrained``: ``config.json`` + ``model.safetensors`` + the tokenizer) is
+the unit passed between training stages and to evaluation; ``LlavaUHD.from_pretrained`` needs no
+training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm models)
+from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
+from llava_uhd.projector import build_projector
+from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
+from llava_uhd.vision.resize import ResolutionPolicy, preprocess
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LlavaUHDConfig:
+    """Everything needed to rebuild a LLaVA-UHD v3 model (weights apart)."""
+
+    encoder: str = "vit_uhd_so400m_patch10_siglip"
+    """timm model name of the vision encoder (vit_uhd_*, vit_gne_* or vit_sbe_*)."""
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Overrides passed to ``timm.create_model`` (e.g. wtc_pooling, pretrained_path, slice_size)."""
+    projector: str = "merger"
+    """``mlp`` (one LLM token per encoder token) or ``merger`` (2x2 merge)."""
+    llm: str | dict[str, Any] = ""
+    """A local causal-LM directory, or a config dict (random weights; see ``tiny_qwen2_config``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None: the LLM directory (or, for a saved model, the model folder)."""
+    llm_dtype: str | None = None
+    """LLM weight dtype when loading (``bfloat16``, ...); None: the checkpoint's / float32."""
+    image_token: str = "<|image_pad|>"
+    """Token whose positions receive the visual tokens."""
+    slice_separators: tuple[str, str] = ("<|slice_sep|>", "<|row_sep|>")
+    """SBE only: tokens whose embeddings join slices of a row, and rows."""
+    vision_markers: bool = False
+    """Wrap each image's tokens in <|vision_start|> / <|vision_end|> in prompts built here."""
+    min_pixels: int = 512 * 512
+    """Resolution policy: smallest image area (native-resolution encoders)."""
+    max_pixels: int = 1560 * 1560
+    """Resolution policy: largest image area."""
+    max_side: int = 5120
+    """Resolution policy: cap on the longest side."""
+
+    def __post_init__(self) -> None:
+        if self.projector not in ("mlp", "merger"):
+            raise ValueError(f"unknown projector {self.projector!r}")
+        if not self.llm:
+            raise ValueError("llm must be a local directory or a config dict")
+        self.slice_separators = tuple(self.slice_separators)
+        if self.tokenizer is None and not isinstance(self.llm, dict):
+            self.tokenizer = str(self.llm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """Text and timings of one ``LlavaUHD.generate`` call."""
+
+    text: str
+    token_ids: list[int]
+    encoder_ms: float
+    """Vision encoder forward."""
+    prefill_ms: float
+    """LLM forward over the prompt embeddings, up to the first token's logits."""
+    ttft_ms: float
+    """Time to first token: encoder + projector and splice + prefill."""
+    decode_tokens_per_s: float
+    """Tokens after the first, per second of decoding (0 when only one token was produced)."""
+    num_image_tokens: int
+    num_prompt_tokens: int
+
+
+def is_sliced(encoder: nn.Module) -> bool:
+    return isinstance(encoder, slicing.SliceEncoder)
+
+
+def count_image_tokens(encoder: nn.Module, projector: nn.Module, height: int, width: int) -> int:
+    """LLM positions one preprocessed ``height x width`` image takes (SBE: separators included)."""
+    if is_sliced(encoder):
+        return encoder.num_image_tokens(height, width, projector)
+    gh, gw = projector.output_grid(*encoder.output_grid(height, width))
+    return gh * gw
+
+
+def resolution_policy(
+    encoder: nn.Module, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
+    max_side: int = 5120,
+) -> ResolutionPolicy | slicing.SliceGridPolicy:
+    """Policy for ``preprocess``: sides a multiple of the pixels per LLM token; SBE: its slice grid."""
+    if is_sliced(encoder):
+        return encoder.policy
+    multiple = encoder.reduction * projector.merge
+    return ResolutionPolicy(min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side, multiple=multiple)
+
+
+class _StepClock(LogitsProcessor):
+    """Timestamps every decoding step (logits processors run right after each LLM forward)."""
+
+    def __init__(self, sync) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class LlavaUHD(nn.Module):
+    """Vision encoder + projector + causal LM. Parts not handed in are built from ``config``."""
+
+    def __init__(
+        self,
+        config: LlavaUHDConfig,
+        encoder: nn.Module | None = None,
+        projector: nn.Module | None = None,
+        llm: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+        dtype = getattr(torch, config.llm_dtype) if config.llm_dtype else None
+        self.llm = llm if llm is not None else load_llm(config.llm, dtype=dtype, vocab_size=len(self.tokenizer))
+        self.encoder = encoder if encoder is not None else timm.create_model(config.encoder, **config.encoder_kwargs)
+        hidden = self.llm.get_input_embeddings().embedding_dim
+        self.projector = projector if projector is not None else build_projector(
+            config.projector, self.encoder.embed_dim, hidden)
+        self.image_token_id = self._token_id(config.image_token)
+        if is_sliced(self.encoder):
+            self.register_buffer("separator_ids", torch.tensor([self._token_id(t) for t in config.slice_separators]),
+                                 persistent=False)
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token!r} token")
+        return token_id
+
+    # -- counting and preprocessing --------------------------------------------------------------------------
+    @property
+    def pixels_per_token(self) -> int:
+        """Pixels per LLM token side: encoder reduction x projector merge (SBE: inside one slice)."""
+        return self.encoder.reduction * self.projector.merge
+
+    @property
+    def policy(self) -> ResolutionPolicy | slicing.SliceGridPolicy:
+        c = self.config
+        return resolution_policy(self.encoder, self.projector, c.min_pixels, c.max_pixels, c.max_side)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Visual tokens (positions in the LLM sequence) of a preprocessed ``height x width`` image."""
+        return count_image_tokens(self.encoder, self.projector, height, width)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised [3, H, W] at the size this model's resolution policy picks."""
+        return preprocess(image, self.policy)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _run_encoder(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]):
+        """Same-size tensor [N, 3, H, W]: dense path; list of [3, Hi, Wi]: packed path."""
+        dtype = next(self.encoder.parameters()).dtype
+        if isinstance(pixel_values, torch.Tensor):
+            return self.encoder(pixel_values.to(dtype))
+        return self.encoder([p.to(dtype) for p in pixel_values])
+
+    def _project(self, encoder_out) -> torch.Tensor:
+        tokens = self.projector(encoder_out.tokens, encoder_out.grids)
+        if is_sliced(self.encoder):
+            separators = self.llm.get_input_embeddings()(self.separator_ids)
+            tokens = self.encoder.join(tokens, encoder_out.layouts, separators)
+        return tokens
+
+    def encode_images(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images -> [sum N_i, D] LLM-width tokens, image after image, each in its token-stream order."""
+        return self._project(self._run_encoder(pixel_values))
+
+    def _splice(self, input_ids: torch.Tensor, visual: torch.Tensor | None, sizes: list) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        positions = int(mask.sum())
+        n_visual = 0 if visual is None else visual.shape[0]
+        if n_visual != positions:
+            counts = [self.num_image_tokens(h, w) for h, w in sizes]
+            raise ValueError(
+                f"input_ids hold {positions} {self.config.image_token} positions but the images give {n_visual} "
+                f"tokens (sizes {sizes} -> {counts}); expand each <image> with num_image_tokens(h, w)"
+            )
+        if visual is None:
+            return embeds
+        return embeds.masked_scatter(mask.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the visual tokens written over the ``<|image_pad|>`` positions, in order."""
+        if pixel_values is None or len(pixel_values) == 0:
+            return self._splice(input_ids, None, [])
+        sizes = [tuple(p.shape[-2:]) for p in pixel_values]
+        return self._splice(input_ids, self.encode_images(pixel_values), sizes)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        **metadata: Any,
+    ) -> CausalLMOutputWithPast:
+        """Batch from the data pipeline -> LLM output (``.loss`` when labels are given, ``.logits``).
+
+        ``pixel_values``: [N, 3, H, W] (same-size bucket: dense encoder path) or a list of [3, Hi, Wi]
+        (mixed sizes: packed path), images in sample order. Other batch keys (image_sizes,
+        images_per_sample, metadata) are not needed: the ``<|image_pad|>`` runs carry the layout.
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        device = self.llm.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def build_prompt_ids(self, prompt: str | list[dict], image_sizes: list[tuple[int, int]]) -> list[int]:
+        """ChatML ids ending with the assistant header; ``<image>`` runs expanded to the right counts."""
+        from llava_uhd.conversation import IMAGE_PLACEHOLDER, build_prompt
+
+        if isinstance(prompt, str) and image_sizes and IMAGE_PLACEHOLDER not in prompt:
+            prompt = (IMAGE_PLACEHOLDER + "\n") * len(image_sizes) + prompt
+        counts = [self.num_image_tokens(h, w) for h, w in image_sizes]
+        return build_prompt(prompt, self.tokenizer, counts, vision_markers=self.config.vision_markers)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None,
+        prompt: str | list[dict],
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+        use_cache: bool = True,
+        **generate_kwargs: Any,
+    ) -> GenerationResult:
+        """Answer ``prompt`` about ``images`` (PIL images are preprocessed; tensors are taken as they are).
+
+        Greedy (``num_beams=1``) or beam search through ``transformers`` generate over ``inputs_embeds``
+        with the KV cache. ``use_cache=False`` runs a plain greedy loop that re-reads the whole sequence
+        every step (the reference the cached path is tested against).
+        """
+        if images is None:
+            images = []
+        elif isinstance(images, Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3):
+            images = [images]
+        pixels = [self.preprocess(im) if isinstance(im, Image.Image) else im for im in images]
+        device = self.llm.device
+        sizes = [tuple(p.shape[-2:]) for p in pixels]
+        ids = self.build_prompt_ids(prompt, sizes)
+        input_ids = torch.tensor([ids], device=device)
+        self._sync()
+        start = encoded = time.perf_counter()
+        visual = None
+        if pixels:
+            pixels = [p.to(device) for p in pixels]
+            encoder_out = self._run_encoder(torch.stack(pixels) if len(set(sizes)) == 1 else pixels)
+            self._sync()
+            encoded = time.perf_counter()
+            visual = self._project(encoder_out)
+        embeds = self._splice(input_ids, visual, sizes)
+        self._sync()
+        spliced = time.perf_counter()
+        clock = _StepClock(self._sync)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        if use_cache:
+            out = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                num_beams=num_beams, do_sample=False, use_cache=True, eos_token_id=eos,
+                pad_token_id=pad if pad is not None else eos, logits_processor=LogitsProcessorList([clock]),
+                **generate_kwargs,
+            )
+            new_ids = out[0, -out.shape[1]:].tolist()  # inputs_embeds only: generate returns the new tokens
+        else:
+            if num_beams != 1:
+                raise ValueError("the uncached reference path is greedy only (num_beams=1)")
+            new_ids = self._greedy_uncached(embeds, max_new_tokens, eos, clock)
+        self._sync()
+        end = time.perf_counter()
+        if eos in new_ids:
+            new_ids = new_ids[: new_ids.index(eos) + 1]
+        while new_ids and pad is not None and pad != eos and new_ids[-1] == pad:
+            new_ids.pop()
+        first = clock.times[0] if clock.times else end
+        decode_s = end - first
+        return GenerationResult(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
+            token_ids=new_ids,
+            encoder_ms=(encoded - start) * 1e3,
+            prefill_ms=(first - spliced) * 1e3,
+            ttft_ms=(first - start) * 1e3,
+            decode_tokens_per_s=(len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0,
+            num_image_tokens=0 if visual is None else visual.shape[0],
+            num_prompt_tokens=len(ids),
+        )
+
+    def _greedy_uncached(self, embeds: torch.Tensor, max_new_tokens: int, eos: int, clock: _StepClock) -> list[int]:
+        new_ids: list[int] = []
+        table = self.llm.get_input_embeddings()
+        for _ in range(max_new_tokens):
+            logits = self.llm(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+            clock(None, logits)
+            token = logits.argmax(-1)
+            new_ids.append(int(token))
+            if new_ids[-1] == eos:
+                break
+            embeds = torch.cat([embeds, table(token)[:, None]], dim=1)
+        return new_ids
+
+    # -- save / load -----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_dir: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``save_dir``."""
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        encoder_kwargs = {k: v for k, v in self.config.encoder_kwargs.items() if k != "pretrained_path"}
+        config = dataclasses.replace(
+            self.config, llm=llm_config_dict(self.llm), tokenizer=None, encoder_kwargs=encoder_kwargs,
+            llm_dtype=str(self.llm.dtype).removeprefix("torch."),
+        )
+        (save_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        save_model(self, str(save_dir / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(save_dir)
+        return save_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> LlavaUHD:
+        """Rebuild a model written by ``save_pretrained`` (no training code, nothing fetched)."""
+        model_dir = Path(model_dir)
+        raw = json.loads((model_dir / CONFIG_NAME).read_text())
+        raw["encoder_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["encoder_kwargs"].items()}
+        raw["tokenizer"] = raw.get("tokenizer") or str(model_dir)
+        model = cls(LlavaUHDConfig(**raw))
+        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True, device=str(map_location))
+        return model
