@@ -1,0 +1,33 @@
+"""``python -m llava_uhd.bench <command> ...``: the benchmark entry point.
+
+Each command is a module of this package with ``add_arguments(parser)`` and ``run(args)``; it is imported
+only when chosen. To add a command, add one line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokens": ("llava_uhd.bench.tokens", "visual tokens reaching the LLM per encoder and resolution"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava_uhd.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    modules = {}
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if argv and argv[0] == name:  # import only the chosen command (others may pull heavy dependencies)
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(sub)
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
