@@ -312,7 +312,7 @@ class LlavaUHD(nn.Module):
                 pad_token_id=pad if pad is not None else eos, logits_processor=LogitsProcessorList([clock]),
                 **generate_kwargs,
             )
-            new_ids = out[0, -out.shape[1]:].tolist()  # inputs_embeds only: generate returns the new tokens
+            new_ids = out[0].tolist()  # prompt given as inputs_embeds only: generate returns just the new tokens
         else:
             if num_beams != 1:
                 raise ValueError("the uncached reference path is greedy only (num_beams=1)")
