@@ -1,0 +1,26 @@
+"""Streaming webdataset data for LLaVA-UHD: DataModule, aspect-ratio buckets, converters, synthetic data."""
+
+from datamodules.batching import Bucketer, collate
+from datamodules.datamodule import GridTokens, ShardStream, StreamLoader, UHDDataModule
+from datamodules.samples import SKIP_REASONS, SampleDecoder, SampleError, SkipCounter
+from datamodules.shards import ShardSetWriter, expand_shards, load_shard_infos, split_shards
+from datamodules.synthetic import make_sample, write_synthetic
+
+__all__ = [
+    "SKIP_REASONS",
+    "Bucketer",
+    "GridTokens",
+    "SampleDecoder",
+    "SampleError",
+    "ShardSetWriter",
+    "ShardStream",
+    "SkipCounter",
+    "StreamLoader",
+    "UHDDataModule",
+    "collate",
+    "expand_shards",
+    "load_shard_infos",
+    "make_sample",
+    "split_shards",
+    "write_synthetic",
+]

@@ -1,0 +1,331 @@
+"""Streaming webdataset DataModule with aspect-ratio buckets under a visual-token budget.
+
+Pipeline in each DataLoader worker: this worker's shards -> ``wds.WebDataset`` (tar reading, grouping by
+key; shard errors go to a counting handler) -> sample shuffle buffer -> :class:`SampleDecoder` (PIL
+decode, resolution policy, ChatML tokenisation) -> :class:`Bucketer` -> :func:`collate`.
+
+**Equal batches on every rank.** DDP hangs if one rank runs out of batches before the others, and
+bucketing makes the batch count depend on the data. So every rank yields exactly ``len(loader)``
+batches per epoch:
+
+* resampled mode: shards are drawn with replacement forever; ``with_epoch`` cuts each worker's infinite
+  stream at its share of ``batches_per_epoch`` (required in this mode).
+* otherwise: shards are split over ranks, then workers, balanced by the sample counts in ``index.json``
+  (the same split on every rank, fixed for a given seed). From the index's per-sample image sizes every
+  worker computes how many batches each (rank, worker) will make (bucket capacities do not depend on the
+  order, so this is exact for bucket mode) and the epoch length ``N = max over ranks``. A rank with
+  fewer batches keeps streaming its own shards again after its first full pass, until it reaches ``N``
+  (those repeats are padding, like ``DistributedSampler``'s). So every sample is seen at least once per
+  epoch, exactly once when the ranks' counts already agree, and ranks never share a sample. When counts
+  cannot be predicted exactly (packed mode, mixed multi-image buckets, skipped samples) a rank may have
+  more batches than ``N``: the surplus is dropped and counted as ``epoch_overflow``. An explicit
+  ``batches_per_epoch`` overrides ``N``. Without an index, single-process loading simply streams
+  everything; multi-rank loading then needs ``batches_per_epoch``.
+
+**Skipped samples** are counted by reason (see ``datamodules.samples.SKIP_REASONS``); each batch carries
+``batch["skips"]``, the counts its worker made since its previous batch, so the LightningModule can log
+them (``self.log_dict({f"data/skipped/{k}": float(v) ...}, reduce_fx="sum")``). The loader also adds
+them up in the main process: ``dm.skip_counts`` is the running total per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+from collections.abc import Callable, Iterator
+from functools import lru_cache, partial
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules.batching import Bucketer, collate
+from datamodules.samples import SampleDecoder, SkipCounter, decode_stream
+from datamodules.shards import ShardInfo, expand_shards, load_shard_infos, split_shards
+from llava_uhd.vision.resize import ResolutionPolicy
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+log = logging.getLogger(__name__)
+
+
+class GridTokens:
+    """Visual tokens of an ``h x w`` image: one per ``pixels_per_token``-sized square (picklable)."""
+
+    def __init__(self, pixels_per_token: int) -> None:
+        self.pixels_per_token = pixels_per_token
+
+    def __call__(self, height: int, width: int) -> int:
+        return (height // self.pixels_per_token) * (width // self.pixels_per_token)
+
+
+class ShardStream(IterableDataset):
+    """Batches (collated dicts) of one rank; see the module docstring for the epoch-length contract."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: SampleDecoder,
+        bucketer: Bucketer,
+        pad_token_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shard_shuffle: bool = True,
+        sample_shuffle: int = 0,
+        resampled: bool = False,
+        batches_per_epoch: int | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("no shards given")
+        self.urls, self.decoder, self.bucketer, self.pad_token_id = urls, decoder, bucketer, pad_token_id
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shard_shuffle, self.sample_shuffle, self.resampled = shard_shuffle, sample_shuffle, resampled
+        self.infos = load_shard_infos(urls)
+        self.plannable = all(s.samples is not None and len(s.image_sizes) == s.samples for s in self.infos)
+        if resampled and batches_per_epoch is None:
+            raise ValueError("resampled mode streams forever: set batches_per_epoch")
+        if not resampled and batches_per_epoch is None and not self.plannable and world_size > 1:
+            raise ValueError("shards without an index.json with image sizes: set batches_per_epoch so that "
+                             "every rank gets the same number of batches")
+        self.batches_per_epoch = batches_per_epoch
+        self.num_workers = 1  # DataLoader workers; set by StreamLoader (per-worker buckets change the count)
+        self.epoch = multiprocessing.get_context().Value("i", -1)  # bumped by StreamLoader each epoch
+        self.skips = SkipCounter()
+
+    # ---- epoch plan ------------------------------------------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _epoch(self) -> int:
+        return max(self.epoch.value, 0)
+
+    def _count(self, shards: list[ShardInfo]) -> int:
+        target = lru_cache(maxsize=65536)(self.decoder.policy.target_size)
+        sizes = ([target(int(h), int(w)) for h, w in sample] for s in shards for sample in s.image_sizes)
+        return self.bucketer.count_batches(sizes)
+
+    @lru_cache(maxsize=8)  # noqa: B019 - a handful of worker counts per stream
+    def plan(self, num_workers: int) -> list[list[int]]:
+        """Batches per (rank, worker): natural counts, topped up so that every rank has N in all."""
+        if not self.plannable:  # only with an explicit batches_per_epoch: even shares
+            total = self.batches_per_epoch
+            return [[total // num_workers + (w < total % num_workers) for w in range(num_workers)]
+                    for _ in range(self.world_size)]
+        natural = [[self._count(shards) for shards in split_shards(self.infos, r, self.world_size, num_workers,
+                                                                     self.seed)]
+                   for r in range(self.world_size)]
+        total = self.batches_per_epoch or max(sum(row) for row in natural)
+        targets = []
+        for row in natural:
+            row = list(row)
+            extra = total - sum(row)
+            if extra < 0:  # explicit batches_per_epoch below the natural count: trim the largest workers
+                for _ in range(-extra):
+                    row[row.index(max(row))] -= 1
+            else:
+                for w in range(num_workers):
+                    row[w] += extra // num_workers + (1 if w < extra % num_workers else 0)
+            targets.append(row)
+        return targets
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        if self.plannable:
+            return sum(self.plan(self.num_workers)[self.rank])
+        raise TypeError("epoch length unknown (no index): the stream runs until its shards end")
+
+    # ---- streaming --------------------------------------------------------------------------------------
+    def _pipeline(self, urls: list[str], rng: random.Random, skips: SkipCounter, resampled: bool = False):
+        """Shards -> raw samples -> shuffle buffer -> decoded samples -> bucketed lists of samples."""
+        if not urls:
+            return iter(())
+        dataset = wds.WebDataset(urls, resampled=resampled, shardshuffle=False, nodesplitter=None,
+                                 workersplitter=None, handler=skips.handler, empty_check=False,
+                                 seed=rng.randrange(2**31))
+        if self.sample_shuffle > 1:
+            dataset = dataset.shuffle(self.sample_shuffle, rng=random.Random(rng.randrange(2**31)))
+        return dataset.compose(partial(decode_stream, decoder=self.decoder, skips=skips), self.bucketer)
+
+    def _emit(self, batches: Iterator[list]) -> Iterator[dict]:
+        """Collate, holding one batch back so the last one carries every skip counted up to the end."""
+        pending = None
+        for batch in batches:
+            if pending is not None:
+                yield self._collate(pending)
+            pending = batch
+        if pending is not None:
+            yield self._collate(pending)
+
+    def _collate(self, samples: list) -> dict:
+        batch = collate(samples, self.pad_token_id)
+        batch["skips"] = self.skips.pop_new()
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = self._worker()
+        epoch = self._epoch()
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+        if self.resampled:
+            share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+            yield from self._emit(iter(self._pipeline(self.urls, rng, self.skips, resampled=True).with_epoch(share)))
+            return
+        shards = split_shards(self.infos, self.rank, self.world_size, num_workers, self.seed)[worker]
+        position = {url: i for i, url in enumerate(self.urls)}
+        urls = sorted((s.url for s in shards), key=position.__getitem__)
+        if self.shard_shuffle:
+            rng.shuffle(urls)
+        if self.batches_per_epoch is None and not self.plannable:
+            yield from self._emit(self._pipeline(urls, rng, self.skips))
+            return
+        target = self.plan(num_workers)[self.rank][worker]
+        yield from self._emit(self._fixed_length(urls, rng, target))
+
+    def _fixed_length(self, urls: list[str], rng: random.Random, target: int) -> Iterator[list]:
+        produced = 0
+        for batch in self._pipeline(urls, rng, self.skips):
+            if produced < target:
+                produced += 1
+                yield batch
+            else:
+                self.skips.add("epoch_overflow", len(batch))
+        if produced == 0 and target > 0:
+            urls = self.urls  # nothing readable here: pad from the whole dataset rather than hang the others
+            log.warning("rank %d: a worker read no samples; padding its epoch from all shards", self.rank)
+        while produced < target:  # padding passes over the same shards; their skips were counted already
+            before = produced
+            for batch in self._pipeline(urls, rng, SkipCounter()):
+                yield batch
+                produced += 1
+                if produced == target:
+                    return
+            if produced == before:
+                raise RuntimeError(f"rank {self.rank}: no readable samples to fill the epoch's {target} batches")
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches are collated in the stream; keep DataLoader's default_convert from turning tuples into lists."""
+    return batch
+
+
+class StreamLoader(DataLoader):
+    """DataLoader over a :class:`ShardStream`: bumps the stream's epoch and adds up the batches' skips."""
+
+    def __init__(self, stream: ShardStream, skips: SkipCounter, **kwargs) -> None:
+        super().__init__(stream, batch_size=None, collate_fn=_as_is, **kwargs)
+        stream.num_workers = max(1, self.num_workers)
+        self.skips = skips
+
+    def __iter__(self):
+        with self.dataset.epoch.get_lock():
+            self.dataset.epoch.value += 1
+        for batch in super().__iter__():
+            self.skips.update(batch.get("skips", {}))
+            yield batch
+
+
+class UHDDataModule(L.LightningDataModule):
+    """Webdataset shards -> bucketed, tokenised batches for LLaVA-UHD training and evaluation.
+
+    Batch: ``input_ids``/``attention_mask``/``labels`` [B, L] (right-padded; labels -100 on pads and
+    non-assistant tokens), ``pixel_values`` ([N_img, 3, H, W] for a single bucket, else a list of
+    [3, Hi, Wi]), ``image_sizes`` and ``orig_sizes`` per image (sample order, then image order, matching
+    the order of the image pads in ``input_ids``), ``images_per_sample``, ``keys``, ``meta`` per sample,
+    ``skips`` (new skip counts from the worker that made the batch).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        tokenizer_path: str | None = None,
+        tokenizer: object | None = None,
+        pixels_per_token: int = 40,
+        image_token_fn: Callable[[int, int], int] | None = None,
+        min_pixels: int = 512 * 512,
+        max_pixels: int = 1560 * 1560,
+        max_side: int = 5120,
+        max_length: int = 4096,
+        batch_token_budget: int = 16384,
+        max_batch_size: int = 32,
+        packed: bool = False,
+        caption_prompt: str = "Describe the image briefly.",
+        vision_markers: bool = False,
+        shard_shuffle: bool = True,
+        sample_shuffle: int = 1000,
+        resampled: bool = False,
+        batches_per_epoch: int | None = None,
+        eval_batches: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+        max_image_pixels: int = 178_956_970,
+        max_aspect_ratio: float = 50.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "image_token_fn"])
+        if tokenizer is None and tokenizer_path is None:
+            raise ValueError("give tokenizer_path (a Hugging Face tokenizer directory) or a tokenizer")
+        self._tokenizer = tokenizer
+        self.policy = ResolutionPolicy(min_pixels, max_pixels, max_side, multiple=pixels_per_token)
+        self.image_token_fn = image_token_fn or GridTokens(pixels_per_token)
+        self.counter = SkipCounter()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples per reason, added up over every batch the loaders have delivered so far."""
+        return self.counter.as_dict()
+
+    def skip_report(self) -> str:
+        counts = self.skip_counts
+        return f"skipped {sum(counts.values())} samples" + (f": {counts}" if counts else "")
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(self, spec, train: bool) -> StreamLoader:
+        hp = self.hparams
+        urls = expand_shards(spec)
+        if not urls:
+            raise ValueError("no shards for this split")
+        rank, world_size = self._rank()
+        decoder = SampleDecoder(self.tokenizer, self.policy, self.image_token_fn, hp.max_length, hp.caption_prompt,
+                                hp.vision_markers, hp.max_image_pixels, hp.max_aspect_ratio)
+        bucketer = Bucketer(self.image_token_fn, hp.batch_token_budget, hp.max_batch_size, hp.packed)
+        stream = ShardStream(
+            urls, decoder, bucketer, self.tokenizer.pad_token_id, rank, world_size, hp.seed,
+            shard_shuffle=train and hp.shard_shuffle,
+            sample_shuffle=hp.sample_shuffle if train else 0,
+            resampled=train and hp.resampled,
+            batches_per_epoch=hp.batches_per_epoch if train else hp.eval_batches,
+        )
+        workers = hp.num_workers
+        return StreamLoader(stream, self.counter, num_workers=workers, pin_memory=hp.pin_memory,
+                            persistent_workers=hp.persistent_workers and workers > 0)
+
+    def train_dataloader(self) -> StreamLoader:
+        return self._loader(self.hparams.train_shards, train=True)
+
+    def val_dataloader(self) -> StreamLoader:
+        return self._loader(self.hparams.val_shards, train=False)
+
+    def test_dataloader(self) -> StreamLoader:
+        return self._loader(self.hparams.test_shards, train=False)

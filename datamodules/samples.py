@@ -1,0 +1,215 @@
+"""Raw webdataset samples -> model-ready samples, and the counted reasons for the ones that are skipped.
+
+A shard sample is a group of tar members sharing a key: ``key.jpg`` (or ``.png``/``.webp``/``.jpeg``), or
+``key.0.jpg``, ``key.1.png``, ... for several images, plus ``key.json`` (LLaVA-style: ``{"conversations":
+[...], "meta": {...}}`` or a bare list of turns) or ``key.txt`` (a caption, turned into a one-turn
+conversation with ``caption_prompt``). Images are decoded by PIL from bytes and JSON by ``json.loads``:
+webdataset's own decoders (which include pickle) are never used.
+
+Nothing is dropped silently: every failure is a :class:`SampleError` whose ``reason`` the
+:class:`SkipCounter` counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from llava_uhd.conversation import IMAGE_PLACEHOLDER, ConversationError, normalize_turns, tokenize_conversation
+from llava_uhd.vision.resize import ResolutionPolicy, preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_IMAGE_MEMBER = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp)$")
+
+SKIP_REASONS = {
+    "corrupt_image": "image bytes PIL cannot decode (corrupt or truncated)",
+    "missing_image": "the conversation refers to more images than the sample holds",
+    "decompression_bomb": "image header claims more pixels than max_image_pixels",
+    "extreme_aspect": "aspect ratio beyond max_aspect_ratio (e.g. a 1x5000 strip)",
+    "bad_json": "json member that is not valid UTF-8 JSON",
+    "no_text": "neither a json conversation nor a txt caption",
+    "empty": "empty conversation or turn",
+    "malformed": "conversation with wrong roles, order or types",
+    "image_count_mismatch": "number of <image> placeholders differs from the number of images",
+    "too_long": "does not fit max_length even after dropping text-only trailing turns",
+    "missing_shard": "shard that does not exist or cannot be opened",
+    "truncated_shard": "shard that ends in the middle of a tar member",
+    "shard_error": "any other error while reading a shard",
+    "epoch_overflow": "samples beyond the fixed batches-per-epoch of a rank (see the DataModule docs)",
+}
+
+
+class SampleError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts skipped samples by reason. ``pop_new()`` returns the counts since its last call: the stream
+    attaches them to each batch (``batch["skips"]``) so counts made in worker processes reach the trainer."""
+
+    def __init__(self) -> None:
+        self.total: Counter = Counter()
+        self._new: Counter = Counter()
+
+    def add(self, reason: str, n: int = 1, detail: str = "") -> None:
+        self.total[reason] += n
+        self._new[reason] += n
+        log.debug("skipped %d sample(s): %s %s", n, reason, detail)
+
+    def update(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self.total[reason] += n
+
+    def pop_new(self) -> dict[str, int]:
+        new, self._new = dict(self._new), Counter()
+        return new
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.total.items()))
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset ``handler``: count shard-level errors and carry on with the next shard."""
+        text = " ".join(str(a) for a in exn.args)
+        if isinstance(exn, FileNotFoundError | IsADirectoryError | PermissionError) or "No such file" in text:
+            reason = "missing_shard"
+        elif "unexpected end of data" in text or "truncated" in text or isinstance(exn, EOFError):
+            reason = "truncated_shard"
+        else:
+            reason = "shard_error"
+        self.add(reason, detail=text)
+        log.warning("skipping shard data (%s): %s", reason, text[:200])
+        return True
+
+
+@dataclass
+class Sample:
+    key: str
+    pixel_values: list[torch.Tensor]
+    orig_sizes: list[tuple[int, int]]
+    input_ids: list[int]
+    labels: list[int]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [tuple(p.shape[-2:]) for p in self.pixel_values]
+
+
+def image_members(sample: dict) -> list[bytes]:
+    """Image bytes in order: ``jpg`` alone, or ``0.jpg``, ``1.png``, ... by index."""
+    found = []
+    for name, value in sample.items():
+        match = _IMAGE_MEMBER.match(name.lower())
+        if match:
+            found.append((int(match.group(1)) if match.group(1) is not None else -1, value))
+    return [value for _, value in sorted(found, key=lambda item: item[0])]
+
+
+def open_image(data: bytes, max_image_pixels: int, max_aspect_ratio: float) -> Image.Image:
+    """PIL image from bytes, with the header checked before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exn:
+        raise SampleError("decompression_bomb", str(exn)) from exn
+    except Exception as exn:
+        raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise SampleError("decompression_bomb", f"{width}x{height} > {max_image_pixels} pixels")
+    if width <= 0 or height <= 0 or max(width, height) / min(width, height) > max_aspect_ratio:
+        raise SampleError("extreme_aspect", f"{width}x{height}")
+    return image
+
+
+def _conversation(sample: dict, caption_prompt: str) -> tuple[list[dict], dict, int | None]:
+    """Turns, meta and the declared number of images (None when the json does not say)."""
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except (UnicodeDecodeError, ValueError) as exn:
+            raise SampleError("bad_json", str(exn)) from exn
+        if isinstance(record, list):
+            record = {"conversations": record}
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise SampleError("malformed", "json without conversations")
+        declared = None
+        if isinstance(record.get("images"), list):
+            declared = len(record["images"])
+        elif isinstance(record.get("image"), str):
+            declared = 1
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        return record["conversations"], dict(meta), declared
+    if "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            raise SampleError("bad_json", f"txt is not UTF-8: {exn}") from exn
+        turns = [{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": caption}]
+        return turns, {"task": "caption", "question": caption_prompt, "answer": caption}, None
+    raise SampleError("no_text")
+
+
+@dataclass
+class SampleDecoder:
+    """Callable turning a raw webdataset sample into a :class:`Sample`; raises :class:`SampleError`."""
+
+    tokenizer: object
+    policy: ResolutionPolicy
+    image_token_fn: Callable[[int, int], int]
+    max_length: int = 4096
+    caption_prompt: str = "Describe the image briefly."
+    vision_markers: bool = False
+    max_image_pixels: int = 178_956_970  # PIL's own default limit
+    max_aspect_ratio: float = 50.0
+
+    def __call__(self, raw: dict) -> Sample:
+        turns, meta, declared = _conversation(raw, self.caption_prompt)
+        try:
+            turns = normalize_turns(turns)
+        except ConversationError as exn:
+            raise SampleError(exn.reason, str(exn)) from exn
+        blobs = image_members(raw)
+        placeholders = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+        expected = declared if declared is not None else placeholders
+        if expected > len(blobs):
+            raise SampleError("missing_image", f"{expected} images expected, {len(blobs)} found")
+        pixel_values, orig_sizes = [], []
+        for blob in blobs:
+            image = open_image(blob, self.max_image_pixels, self.max_aspect_ratio)
+            orig_sizes.append((image.height, image.width))
+            try:
+                pixel_values.append(preprocess(image, self.policy))
+            except Exception as exn:  # truncated / corrupt data surfaces only when pixels are decoded
+                raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
+        counts = [self.image_token_fn(*p.shape[-2:]) for p in pixel_values]
+        try:
+            tokens = tokenize_conversation(turns, self.tokenizer, counts, self.max_length,
+                                           vision_markers=self.vision_markers)
+        except ConversationError as exn:
+            raise SampleError(exn.reason, str(exn)) from exn
+        dialogue = [t for t in turns if t["role"] != "system"]
+        meta.setdefault("question", dialogue[0]["content"].replace(IMAGE_PLACEHOLDER, "").strip())
+        if len(dialogue) > 1:
+            meta.setdefault("answer", dialogue[1]["content"])
+        return Sample(raw["__key__"], pixel_values, orig_sizes, tokens.input_ids, tokens.labels, meta)
+
+
+def decode_stream(samples, decoder: SampleDecoder, skips: SkipCounter):
+    """Decode a raw sample stream, counting (never raising) per-sample failures."""
+    for raw in samples:
+        try:
+            yield decoder(raw)
+        except SampleError as exn:
+            skips.add(exn.reason, detail=f"{raw.get('__key__')}: {exn}")
