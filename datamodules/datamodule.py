@@ -19,8 +19,9 @@ batches per epoch:
   epoch, exactly once when the ranks' counts already agree, and ranks never share a sample. When counts
   cannot be predicted exactly (packed mode, mixed multi-image buckets, skipped samples) a rank may have
   more batches than ``N``: the surplus is dropped and counted as ``epoch_overflow``. An explicit
-  ``batches_per_epoch`` overrides ``N``. Without an index, single-process loading simply streams
-  everything; multi-rank loading then needs ``batches_per_epoch``.
+  ``batches_per_epoch`` overrides ``N``. A single rank (without ``batches_per_epoch``) just streams its
+  shards once; its ``len`` is exact in bucket mode (an upper bound once samples are skipped) and unknown in packed mode or without an index.
+  Multi-rank loading without an index needs ``batches_per_epoch``.
 
 **Skipped samples** are counted by reason (see ``datamodules.samples.SKIP_REASONS``); each batch carries
 ``batch["skips"]``, the counts its worker made since its previous batch, so the LightningModule can log
@@ -91,6 +92,11 @@ class ShardStream(IterableDataset):
             raise ValueError("shards without an index.json with image sizes: set batches_per_epoch so that "
                              "every rank gets the same number of batches")
         self.batches_per_epoch = batches_per_epoch
+        # One rank needs no equalising: it streams its shards once, and the plan is only its length, exact
+        # when bucket capacities do not depend on the order (bucket mode, no mixed-size multi-image sample).
+        self.exact = self.plannable and not bucketer.packed and not any(
+            len({tuple(size) for size in sample}) > 1 for s in self.infos for sample in s.image_sizes)
+        self.fixed_length = batches_per_epoch is not None or (self.plannable and world_size > 1)
         self.num_workers = 1  # DataLoader workers; set by StreamLoader (per-worker buckets change the count)
         self.epoch = multiprocessing.get_context().Value("i", -1)  # bumped by StreamLoader each epoch
         self.skips = SkipCounter()
@@ -135,9 +141,9 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         if self.batches_per_epoch is not None:
             return self.batches_per_epoch
-        if self.plannable:
+        if self.fixed_length or self.exact:
             return sum(self.plan(self.num_workers)[self.rank])
-        raise TypeError("epoch length unknown (no index): the stream runs until its shards end")
+        raise TypeError("epoch length unknown (no index, or packed on one rank): the stream runs to the end")
 
     # ---- streaming --------------------------------------------------------------------------------------
     def _pipeline(self, urls: list[str], rng: random.Random, skips: SkipCounter, resampled: bool = False):
@@ -179,7 +185,7 @@ class ShardStream(IterableDataset):
         urls = sorted((s.url for s in shards), key=position.__getitem__)
         if self.shard_shuffle:
             rng.shuffle(urls)
-        if self.batches_per_epoch is None and not self.plannable:
+        if not self.fixed_length:
             yield from self._emit(self._pipeline(urls, rng, self.skips))
             return
         target = self.plan(num_workers)[self.rank][worker]

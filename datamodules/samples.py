@@ -62,6 +62,7 @@ class SkipCounter:
     def __init__(self) -> None:
         self.total: Counter = Counter()
         self._new: Counter = Counter()
+        self._last_truncated: str | None = None
 
     def add(self, reason: str, n: int = 1, detail: str = "") -> None:
         self.total[reason] += n
@@ -86,6 +87,12 @@ class SkipCounter:
             reason = "missing_shard"
         elif "unexpected end of data" in text or "truncated" in text or isinstance(exn, EOFError):
             reason = "truncated_shard"
+            # webdataset reports a truncated shard twice (member read, then tar iteration): count it once
+            shard = re.search(r"name='([^']+)'", text)
+            shard = shard.group(1) if shard else text
+            if shard == self._last_truncated:
+                return True
+            self._last_truncated = shard
         else:
             reason = "shard_error"
         self.add(reason, detail=text)

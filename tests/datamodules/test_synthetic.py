@@ -1,0 +1,53 @@
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules import synthetic
+from datamodules.shards import expand_shards
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+def test_deterministic_sizes_and_exact_answers(task):
+    for i in range(24):
+        image, question, answer, meta = synthetic.make_sample(task, i, seed=3, min_side=64, max_side=256)
+        again = synthetic.make_sample(task, i, seed=3, min_side=64, max_side=256)
+        assert again[1:] == (question, answer, meta) and again[0].tobytes() == image.tobytes()
+        assert 64 <= image.height <= 256 and 64 <= image.width <= 256
+        assert 1 / 4 - 1e-3 <= image.height / image.width <= 4 + 1e-3
+        assert meta["task"] == task and meta["question"] == question and meta["answer"] == answer and answer
+        if meta["kind"] in ("position", "ocr"):
+            assert 1 <= meta["row"] <= meta["rows"] and 1 <= meta["col"] <= meta["cols"]
+            assert f"row {meta['row']}, column {meta['col']}" in question
+        if meta["kind"] == "count":
+            assert answer == str(len(meta["positions"])) and all(len(p) == 2 for p in meta["positions"])
+        if meta["kind"] == "caption":
+            assert [o["col"] for o in meta["objects"]] == list(range(1, len(meta["objects"]) + 1))
+    other = [synthetic.make_sample(task, i, seed=4, min_side=64, max_side=256)[0].tobytes() for i in range(4)]
+    assert other != [synthetic.make_sample(task, i, seed=3, min_side=64, max_side=256)[0].tobytes() for i in range(4)]
+
+
+def test_default_sizes_span_256_to_1536_and_1_4_to_4_1():
+    sizes = [synthetic._size(np.random.default_rng(i), 256, 1536) for i in range(400)]
+    assert all(256 <= s <= 1536 for hw in sizes for s in hw)
+    ratios = [math.log(h / w) for h, w in sizes]
+    assert min(ratios) < math.log(1 / 2.5) and max(ratios) > math.log(2.5)
+    assert all(abs(r) <= math.log(4) + 1e-3 for r in ratios)
+
+
+def test_cli_writes_shards_and_index(tmp_path, capsys):
+    synthetic.main(["--task", "textgrid", "--n", "10", "--out", str(tmp_path), "--seed", "1",
+                    "--min-side", "64", "--max-side", "128", "--shard-size", "4"])
+    assert "converted 10 textgrid samples into 3 shards" in capsys.readouterr().out
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [4, 4, 2]
+    assert len(expand_shards(str(tmp_path))) == 3
+    first = index["shards"][0]["image_sizes"][0][0]
+    with tarfile.open(tmp_path / index["shards"][0]["name"]) as tar:
+        names = tar.getnames()
+        image = Image.open(tar.extractfile(names[1 if names[1].endswith(".jpg") else 0]))
+        assert [image.height, image.width] == first
+    assert names[:2] == ["textgrid00000000.jpg", "textgrid00000000.json"]
