@@ -24,10 +24,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrained-path", default=None, help="local base ViT weights to load")
     args = parser.parse_args(argv)
     if args.model not in timm.list_models("vit_uhd_*") + timm.list_models("vit_gne_*"):
-        parser.error(f"unknown model {args.model!r}; choose from {timm.list_models('vit_uhd_*') + timm.list_models('vit_gne_*')}")
+        parser.error(
+            f"unknown model {args.model!r}; choose from {timm.list_models('vit_uhd_*') + timm.list_models('vit_gne_*')}"
+        )
     overrides = {
         k: v
-        for k, v in {"wtc_pooling": args.pooling, "patch_size": args.patch_size, "pretrained_path": args.pretrained_path}.items()
+        for k, v in {
+            "wtc_pooling": args.pooling,
+            "patch_size": args.patch_size,
+            "pretrained_path": args.pretrained_path,
+        }.items()
         if v is not None
     }
     if args.wtc_layers is not None:

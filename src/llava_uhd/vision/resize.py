@@ -64,7 +64,9 @@ class ResolutionPolicy:
         valid = [(h, w) for h, w in candidates if self.min_pixels <= h * w <= self.max_pixels]
         if not valid:  # extreme aspect ratio: max_side forbids reaching min_pixels; take the largest that fits
             valid = [max((c for c in candidates if c[0] * c[1] <= self.max_pixels), key=lambda c: c[0] * c[1])]
-        return min(valid, key=lambda hw: (round(abs(math.log(hw[0] / hw[1] / aspect)), 3), abs(hw[0] * hw[1] - target_area)))
+        return min(
+            valid, key=lambda hw: (round(abs(math.log(hw[0] / hw[1] / aspect)), 3), abs(hw[0] * hw[1] - target_area))
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -78,7 +80,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
             array = array / 65535.0 * 255.0 if hi > 255 else array
         elif image.mode == "F" and hi <= 1.0 and lo >= 0.0:
             array = array * 255.0
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):

@@ -70,7 +70,9 @@ class ViTUHDConfig:
             raise ValueError(f"wtc_pooling: unknown pooling {self.wtc_pooling!r}; choose one of {POOLING_KINDS}")
         bad = [i for i in self.wtc_layers if not 1 <= i <= self.depth]
         if bad:
-            raise ValueError(f"wtc_layers: block indices {bad} are outside 1..{self.depth} (1-based, depth {self.depth})")
+            raise ValueError(
+                f"wtc_layers: block indices {bad} are outside 1..{self.depth} (1-based, depth {self.depth})"
+            )
         if list(self.wtc_layers) != sorted(set(self.wtc_layers)):
             raise ValueError(f"wtc_layers: must be strictly increasing, got {list(self.wtc_layers)}")
         if self.embed_dim % self.num_heads:
@@ -148,7 +150,9 @@ class ViTUHD(VisionTransformer):
             act_layer=cfg.act_layer,
         )
         self.cfg = cfg
-        self.wtc = nn.ModuleDict({str(i): WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for i in cfg.wtc_layers})
+        self.wtc = nn.ModuleDict(
+            {str(i): WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for i in cfg.wtc_layers}
+        )
         self.pretrained_cfg = {
             "input_size": (3, 384, 384),
             "fixed_input_size": False,

@@ -139,7 +139,11 @@ def load_base_weights(model: torch.nn.Module, path: str | Path) -> LoadReport:
     own = model.state_dict()
     report.unexpected = sorted(k for k in state if k not in own)
     usable = {k: v for k, v in state.items() if k in own}
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in usable.items() if v.shape != own[k].shape]
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in usable.items()
+        if v.shape != own[k].shape
+    ]
     if wrong:
         raise ValueError(f"{path}: checkpoint does not match the model's shape:\n  " + "\n  ".join(wrong))
     result = model.load_state_dict(usable, strict=False)

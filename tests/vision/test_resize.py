@@ -1,0 +1,92 @@
+"""Resolution policy and the shared preprocessing path."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_uhd.vision.resize import ResolutionPolicy, preprocess, to_rgb
+
+SIZES = [(1024, 1024), (100, 100), (3000, 4000), (768, 1366), (480, 640), (1, 5000), (5000, 1), (9000, 300)]
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_target_size_respects_every_constraint(height, width):
+    policy = ResolutionPolicy()
+    h, w = policy.target_size(height, width)
+    assert h % 40 == 0 and w % 40 == 0 and h > 0 and w > 0
+    assert max(h, w) <= policy.max_side
+    assert h * w <= policy.max_pixels
+    if max(height, width) / min(height, width) < 50:  # reachable area: the bounds hold
+        assert h * w >= policy.min_pixels
+        # aspect ratio as close as one multiple step allows
+        step = math.log((min(h, w) + 40) / min(h, w))
+        assert abs(math.log(h / w) - math.log(height / width)) <= step
+
+
+def test_within_bounds_images_stay_near_their_size():
+    policy = ResolutionPolicy()
+    assert policy.target_size(480, 640) == (480, 640)
+    h, w = policy.target_size(1000, 700)
+    assert abs(h - 1000) <= 40 and abs(w - 700) <= 40
+
+
+def test_large_and_small_images_are_scaled_into_the_budget():
+    policy = ResolutionPolicy(min_pixels=100 * 100, max_pixels=200 * 200, max_side=400, multiple=20)
+    assert policy.target_size(10, 10) == (100, 100)
+    assert policy.target_size(4000, 4000) == (200, 200)
+    h, w = policy.target_size(10, 1000)
+    assert w == 400 and h == 20  # longest side capped; min area unreachable at this aspect
+
+
+def test_policy_validates_its_settings():
+    with pytest.raises(ValueError):
+        ResolutionPolicy(multiple=0)
+    with pytest.raises(ValueError):
+        ResolutionPolicy(min_pixels=10, max_pixels=5)
+    with pytest.raises(ValueError):
+        ResolutionPolicy().target_size(0, 10)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "CMYK", "P", "I;16", "I", "F", "1", "RGB"])
+def test_every_colour_mode_becomes_rgb(mode):
+    image = Image.new(mode, (30, 20))
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (30, 20)
+
+
+def test_sixteen_bit_images_keep_their_dynamic_range():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) > 200
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(to_rgb(image)).min() == 255
+
+
+def test_preprocess_normalises_and_resizes():
+    policy = ResolutionPolicy(min_pixels=80 * 80, max_pixels=160 * 160, multiple=40)
+    white = Image.new("RGB", (100, 50), (255, 255, 255))
+    x = preprocess(white, policy)
+    assert x.shape[0] == 3 and tuple(x.shape[1:]) == policy.target_size(50, 100)
+    torch.testing.assert_close(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+
+
+def test_jpeg_and_png_paths_agree():
+    rng = np.random.default_rng(0)
+    array = (rng.random((32, 48, 3)) * 40 + np.linspace(0, 200, 48)[None, :, None]).astype(np.uint8)
+    array = np.kron(array, np.ones((20, 20, 1), dtype=np.uint8))  # 640x960, smooth blocks
+    policy = ResolutionPolicy(min_pixels=80 * 80, max_pixels=240 * 240, multiple=40)
+    tensors = []
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt, quality=95)
+        buffer.seek(0)
+        tensors.append(preprocess(Image.open(buffer), policy))
+    assert tensors[0].shape == tensors[1].shape
+    assert (tensors[0] - tensors[1]).abs().mean() < 0.05

@@ -1,0 +1,211 @@
+"""ViT-UHD: parity with timm, packed == per-image, geometry, pos-embed cache, registry."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import llava_uhd.vision  # noqa: F401  (registers the models)
+from llava_uhd.vision import ViTUHD, ViTUHDConfig
+from llava_uhd.vision.report import policy_for
+
+
+def timm_reference(**overrides) -> torch.nn.Module:
+    """A stock timm SigLIP-style ViT of the tiny shape (MAP head included, as real checkpoints have)."""
+    kwargs = dict(
+        img_size=224,
+        patch_size=14,
+        embed_dim=64,
+        depth=6,
+        num_heads=2,
+        mlp_ratio=4.0,
+        class_token=False,
+        no_embed_class=True,
+        global_pool="map",
+        num_classes=0,
+        dynamic_img_size=True,
+        act_layer="gelu_tanh",
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
+    with torch.no_grad():  # non-trivial norms and biases so that parity checks every parameter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoint(tmp_path_factory):
+    ref = timm_reference()
+    path = tmp_path_factory.mktemp("weights") / "siglip_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    return ref, path
+
+
+def test_parity_with_timm_forward_features_dense_and_packed(reference_checkpoint):
+    ref, path = reference_checkpoint
+    ours = timm.create_model("vit_gne_tiny_patch14_siglip", pretrained_path=str(path)).eval()
+    sizes = [(224, 224), (112, 196), (168, 56)]
+    with torch.no_grad():
+        images = [torch.randn(3, h, w) for h, w in sizes]
+        expected = [ref.forward_features(img[None])[0] for img in images]
+        for img, exp in zip(images, expected):
+            torch.testing.assert_close(ours(img[None]).tokens[0], exp, atol=1e-5, rtol=0)
+        packed = ours(images)
+        torch.testing.assert_close(packed.tokens, torch.cat(expected), atol=1e-5, rtol=0)
+        assert packed.grids == [(h // 14, w // 14) for h, w in sizes]
+
+
+def randomise_gates(model: ViTUHD) -> None:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for wtc in model.wtc.values():
+            wtc.fc2.weight.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("pooling", ["content_adaptive", "pixel_unshuffle", "avg"])
+def test_packed_equals_per_image(pooling):
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_pooling=pooling).eval()
+    if pooling == "content_adaptive":
+        randomise_gates(model)
+    sizes = [(80, 120), (40, 40), (160, 80), (80, 120)]
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    with torch.no_grad():
+        packed = model(images)
+        single = [model(img[None]).tokens[0] for img in images]
+    torch.testing.assert_close(packed.tokens, torch.cat(single), atol=1e-5, rtol=1e-5)
+    assert packed.grids == [(h // 40, w // 40) for h, w in sizes]
+    assert packed.tokens.shape == (sum(h * w for h, w in packed.grids), 64)
+
+
+def test_dense_batch_shape_and_grid():
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip").eval()
+    out = model(torch.randn(3, 3, 120, 200))
+    assert out.tokens.shape == (3, 15, 64) and out.grids == [(3, 5)] * 3
+
+
+def test_output_is_row_major_on_the_final_grid():
+    # With average pooling and no blocks in the way, output token (r, c) must be the mean of its 4x4 patch cell.
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_pooling="avg", wtc_layers=(6,), depth=6).eval()
+    model.blocks = torch.nn.Sequential(*[torch.nn.Identity()] * 6)
+    model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        image = torch.randn(1, 3, 60, 100)
+        out = model(image).tokens[0]
+        patches = model.patch_embed.proj(image)[0]  # C, 6, 10
+        expected = F.avg_pool2d(patches[None], 2)[0].flatten(1).T
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_never_builds_a_pack_wide_mask(monkeypatch):
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((tuple(q.shape), attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip").eval()
+    with torch.no_grad():
+        model([torch.randn(3, 80, 80), torch.randn(3, 40, 120), torch.randn(3, 80, 80)])
+    assert seen and all(mask is None for _, mask in seen)
+    # Attention spans one image's tokens at a time: 64 or 48 tokens in the first blocks, never the 176 of the pack.
+    assert {shape[2] for shape, _ in seen} <= {64, 48, 16, 12, 4, 3}
+    assert {shape[0] for shape, _ in seen if shape[2] == 64} == {2}  # equal-size images share one call
+
+
+def test_size_not_a_multiple_names_the_required_multiple():
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip")
+    with pytest.raises(ValueError, match="multiple of 40"):
+        model(torch.randn(1, 3, 80, 90))
+    with pytest.raises(ValueError, match="multiple of 40"):
+        model([torch.randn(3, 80, 80), torch.randn(3, 50, 80)])
+    gne = timm.create_model("vit_gne_tiny_patch14_siglip")
+    with pytest.raises(ValueError, match="multiple of 14"):
+        gne(torch.randn(1, 3, 80, 80))
+
+
+def test_pos_embed_is_cached_per_grid_at_inference_and_trained_otherwise():
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 80, 80))
+        model(torch.randn(2, 3, 80, 80))
+        model(torch.randn(1, 3, 40, 120))
+    assert sorted(key[0] for key in model._pos_cache) == [(4, 12), (8, 8)]
+    model.train()
+    model(torch.randn(1, 3, 80, 80)).tokens.sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+def test_pos_embed_cache_is_invalidated_by_weight_updates():
+    model = timm.create_model("vit_gne_tiny_patch14_siglip").eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        before = model(x).tokens.clone()
+        model.pos_embed.add_(1.0)
+        after = model(x).tokens
+    assert not torch.allclose(before, after)
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip").train()
+    images = [torch.randn(3, 80, 80), torch.randn(3, 40, 80)]
+    model(images).tokens.square().mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(images).tokens.square().mean().backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_registry_names_and_overrides():
+    names = timm.list_models("vit_uhd_*") + timm.list_models("vit_gne_*")
+    for name in (
+        "vit_uhd_so400m_patch10_siglip",
+        "vit_gne_so400m_patch14_siglip",
+        "vit_uhd_tiny_patch10_siglip",
+        "vit_gne_tiny_patch14_siglip",
+    ):
+        assert name in names
+    big = timm.create_model("vit_uhd_so400m_patch10_siglip", device="meta")
+    assert (big.cfg.embed_dim, big.cfg.depth, big.cfg.num_heads, big.cfg.wtc_layers) == (1152, 27, 16, (4, 18))
+    assert big.blocks[0].mlp.fc1.out_features == 4304 and big.blocks[0].attn.head_dim == 72
+    model = timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_pooling="avg", wtc_layers=(3,), patch_size=12)
+    assert model.reduction == 24 and model.patch_embed.proj.kernel_size == (12, 12)
+    assert list(model.wtc) == ["3"] and model.wtc["3"].pooling == "avg"
+    with pytest.raises(ValueError, match="wtc_pooling"):
+        timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_pooling="max")
+    with pytest.raises(ValueError, match="wtc_layers"):
+        timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_layers=(2, 7))
+    with pytest.raises(ValueError, match="pretrained_path"):
+        timm.create_model("vit_uhd_tiny_patch10_siglip", pretrained=True)
+
+
+@pytest.mark.parametrize("resolution", [512, 768, 1024, 1536, 2048])
+def test_so400m_token_counts_follow_the_formula(resolution):
+    uhd = timm.create_model("vit_uhd_so400m_patch10_siglip", device="meta").eval()
+    gne = timm.create_model("vit_gne_so400m_patch14_siglip", device="meta").eval()
+    for model, per_token in ((uhd, 40), (gne, 14)):
+        height, width = policy_for(model).target_size(resolution, resolution)
+        assert height % per_token == 0 and width % per_token == 0
+        with torch.no_grad():
+            tokens = model(torch.empty(1, 3, height, width, device="meta")).tokens
+        # one output token per (patch * 2^steps)^2 pixels: 40x40 for ViT-UHD, 14x14 for GNE
+        assert tokens.shape[1] == (height // per_token) * (width // per_token) == model.num_tokens(height, width)
+    # ViT-UHD emits (10/14 * 4)^-2 ~ 1/7.8 as many tokens as GNE at the same request
+    uhd_n = uhd.num_tokens(*policy_for(uhd).target_size(resolution, resolution))
+    gne_n = gne.num_tokens(*policy_for(gne).target_size(resolution, resolution))
+    assert 6.5 < gne_n / uhd_n < 9.5
+
+
+def test_config_dataclass_derives_reduction():
+    cfg = ViTUHDConfig(patch_size=8, wtc_layers=(1, 2, 3), depth=4, embed_dim=32, num_heads=2)
+    assert cfg.reduction == 64
+    assert "reduction" not in cfg.to_dict()

@@ -1,0 +1,134 @@
+"""Loading base ViT weights: timm / open_clip / Hugging Face layouts, RPE at load, clear errors."""
+
+import logging
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import llava_uhd.vision  # noqa: F401
+from llava_uhd.vision.pvc import refine_patch_embed
+from llava_uhd.vision.weights import read_state_dict
+
+from .test_vit_uhd import timm_reference
+
+
+def hf_layout(state: dict) -> dict:
+    """The same weights under transformers' SiglipVisionModel names (q/k/v split)."""
+    out = {}
+    for key, value in state.items():
+        if key == "patch_embed.proj.weight":
+            out["vision_model.embeddings.patch_embedding.weight"] = value
+        elif key == "patch_embed.proj.bias":
+            out["vision_model.embeddings.patch_embedding.bias"] = value
+        elif key == "pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = value[0]
+        elif key.startswith("norm."):
+            out["vision_model.post_layernorm." + key[5:]] = value
+        elif key.startswith("blocks."):
+            _, layer, rest = key.split(".", 2)
+            prefix = f"vision_model.encoder.layers.{layer}."
+            if rest.startswith("attn.qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{name}_proj.{kind}"] = part.clone()
+            else:
+                rest = rest.replace("norm1", "layer_norm1").replace("norm2", "layer_norm2")
+                rest = rest.replace("attn.proj", "self_attn.out_proj")
+                out[prefix + rest] = value
+        else:
+            out["vision_model.head." + key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return timm_reference()
+
+
+def _tokens(model, image):
+    with torch.no_grad():
+        return model.eval()(image).tokens
+
+
+@pytest.mark.parametrize("layout", ["timm_bin", "open_clip", "hf"])
+def test_every_layout_loads_to_the_same_model(tmp_path, reference, layout):
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    if layout == "timm_bin":
+        path = tmp_path / "pytorch_model.bin"
+        torch.save({"state_dict": state}, path)
+    elif layout == "open_clip":
+        path = tmp_path / "open_clip_model.safetensors"
+        save_file({"visual.trunk." + k: v for k, v in state.items()} | {"text.proj": torch.zeros(2)}, str(path))
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file(hf_layout(state), str(path))
+    model = timm.create_model("vit_gne_tiny_patch14_siglip", pretrained_path=str(path))
+    image = torch.randn(1, 3, 112, 84)
+    with torch.no_grad():
+        expected = reference.forward_features(image)
+    torch.testing.assert_close(_tokens(model, image), expected, atol=1e-5, rtol=0)
+    assert model.load_report.missing == []
+
+
+def test_rpe_is_applied_at_load_and_wtc_reported_as_new(tmp_path, reference, caplog):
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with caplog.at_level(logging.INFO, logger="llava_uhd.vision.weights"):
+        model = timm.create_model("vit_uhd_tiny_patch10_siglip", pretrained_path=str(path))
+    expected = refine_patch_embed(reference.patch_embed.proj.weight.detach(), 10)
+    torch.testing.assert_close(model.patch_embed.proj.weight.detach(), expected)
+    report = model.load_report
+    assert any("14 -> 10" in r for r in report.resampled)
+    assert report.new_modules and all(k.startswith("wtc.") for k in report.new_modules)
+    assert report.missing == []
+    assert any(k.startswith("attn_pool.") for k in report.unexpected)
+    assert "attn_pool" in caplog.text  # unused tensors are named in the log
+
+
+def test_missing_keys_are_reported_by_name(tmp_path, reference, caplog):
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if not k.startswith("blocks.5.mlp")}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with caplog.at_level(logging.WARNING, logger="llava_uhd.vision.weights"):
+        model = timm.create_model("vit_gne_tiny_patch14_siglip", pretrained_path=str(path))
+    assert "blocks.5.mlp.fc1.weight" in model.load_report.missing
+    assert "blocks.5.mlp.fc1.weight" in caplog.text
+
+
+def test_wrong_shape_checkpoint_is_a_clear_error(tmp_path):
+    wide = timm_reference(embed_dim=96, num_heads=2)
+    path = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight: file \(288, 96\) vs model \(192, 64\)"):
+        timm.create_model("vit_gne_tiny_patch14_siglip", pretrained_path=str(path))
+
+
+def test_pos_embed_grid_is_resampled_at_load(tmp_path):
+    other = timm_reference(img_size=168)  # a 12x12 pos-embed grid; the tiny preset has 16x16
+    path = tmp_path / "small_grid.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    model = timm.create_model("vit_gne_tiny_patch14_siglip", pretrained_path=str(path))
+    assert model.pos_embed.shape == (1, 256, 64)
+    assert any("12x12 -> 16x16" in r for r in model.load_report.resampled)
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.bin"
+    torch.save({"weight": Payload()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported"):
+        read_state_dict(path)
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(tmp_path / "nope.safetensors")
+    bad = tmp_path / "weights.npz"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported weights format"):
+        read_state_dict(bad)
