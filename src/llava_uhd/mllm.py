@@ -365,12 +365,12 @@ class LlavaUHD(nn.Module):
         return save_dir
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> LlavaUHD:
-        """Rebuild a model written by ``save_pretrained`` (no training code, nothing fetched)."""
+    def from_pretrained(cls, model_dir: str | Path) -> LlavaUHD:
+        """Rebuild a model written by ``save_pretrained`` (no training code, nothing fetched), on the CPU."""
         model_dir = Path(model_dir)
         raw = json.loads((model_dir / CONFIG_NAME).read_text())
         raw["encoder_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["encoder_kwargs"].items()}
         raw["tokenizer"] = raw.get("tokenizer") or str(model_dir)
         model = cls(LlavaUHDConfig(**raw))
-        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True, device=str(map_location))
+        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True)
         return model
