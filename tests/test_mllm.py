@@ -226,3 +226,21 @@ def test_vision_markers_wrap_each_image(tokenizer_dir):
     at = ids.index(start)
     assert ids[at + 1 : at + 5] == [model.image_token_id] * 4 and ids[at + 5] == end
     assert len(model.generate(torch.randn(3, 80, 80), "What is this?", max_new_tokens=2).token_ids) >= 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_batches_from_the_data_module_train(tokenizer_dir, tmp_path, packed):
+    from datamodules.datamodule import UHDDataModule
+    from datamodules.synthetic import write_synthetic
+
+    write_synthetic("shapegrid", 6, str(tmp_path / "shards"), min_side=40, max_side=160)
+    model = make_model(tokenizer_dir, projector="merger")
+    dm = UHDDataModule(train_shards=str(tmp_path / "shards"), tokenizer=model.tokenizer,
+                       pixels_per_token=model.pixels_per_token, min_pixels=model.config.min_pixels,
+                       max_pixels=model.config.max_pixels, batch_token_budget=1024, max_batch_size=3, packed=packed,
+                       num_workers=0, pin_memory=False, persistent_workers=False, sample_shuffle=0)
+    batch = next(iter(dm.train_dataloader()))
+    if not packed:  # one aspect-ratio bucket: the dense encoder path
+        assert isinstance(batch["pixel_values"], torch.Tensor)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
