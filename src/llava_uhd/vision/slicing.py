@@ -60,8 +60,15 @@ class SliceGridPolicy:
         counts = [n for n in (ideal - 1, ideal, ideal + 1) if 1 <= n <= self.max_slices]
         grids = [(r, n // r) for n in counts for r in range(1, n + 1) if n % r == 0]
         log_aspect = math.log(height / width)
-        return min(grids, key=lambda g: (round(abs(log_aspect - math.log(g[0] / g[1])), 6), abs(g[0] * g[1] - ideal),
-                                         -g[0] * g[1], g[0]))
+        return min(
+            grids,
+            key=lambda g: (
+                round(abs(log_aspect - math.log(g[0] / g[1])), 6),
+                abs(g[0] * g[1] - ideal),
+                -g[0] * g[1],
+                g[0],
+            ),
+        )
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) to resize to: the slice grid times the slice size (the ``preprocess`` policy hook)."""
