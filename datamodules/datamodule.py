@@ -20,7 +20,8 @@ batches per epoch:
   cannot be predicted exactly (packed mode, mixed multi-image buckets, skipped samples) a rank may have
   more batches than ``N``: the surplus is dropped and counted as ``epoch_overflow``. An explicit
   ``batches_per_epoch`` overrides ``N``. A single rank (without ``batches_per_epoch``) just streams its
-  shards once; its ``len`` is exact in bucket mode (an upper bound once samples are skipped) and unknown in packed mode or without an index.
+  shards once; its ``len`` is exact in bucket mode (an upper bound once samples are skipped) and
+  unknown in packed mode or without an index.
   Multi-rank loading without an index needs ``batches_per_epoch``.
 
 **Skipped samples** are counted by reason (see ``datamodules.samples.SKIP_REASONS``); each batch carries

@@ -178,7 +178,7 @@ def test_two_workers_every_sample_once_and_skips_reach_main(synthetic_dir, token
     dm = UHDDataModule(train_shards=specs, tokenizer=tokenizer, batch_token_budget=256, max_batch_size=4,
                        **{**SMALL, "num_workers": 2, "persistent_workers": True})
     loader = dm.train_dataloader()
-    for epoch in range(2):
+    for _ in range(2):
         keys = [k for b in loader for k in b["keys"]]
         assert sorted(keys) == [f"shapegrid{i:08d}" for i in range(48)]
     assert dm.skip_counts == {"corrupt_image": 2}  # once per epoch
