@@ -28,8 +28,8 @@ def _photo(rng: np.random.Generator, size: int) -> bytes:
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
     draw = ImageDraw.Draw(image)
     for _ in range(60):
-        x, y, r = rng.integers(0, size, 2), None, int(rng.integers(20, size // 5))
-        draw.ellipse([x[0], x[1], x[0] + r, x[1] + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        (x, y), r = rng.integers(0, size, 2), int(rng.integers(20, size // 5))
+        draw.ellipse([x, y, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
     noise = rng.integers(-12, 12, (size, size, 3), dtype=np.int16)
     pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
@@ -53,7 +53,7 @@ def run(shards: str, tokenizer_dir: str, num_workers: int, epochs: int = 2) -> t
     dm = UHDDataModule(train_shards=shards, tokenizer_path=tokenizer_dir, num_workers=num_workers,
                        pin_memory=False, sample_shuffle=64, batch_token_budget=8 * 676, max_batch_size=8)
     loader = dm.train_dataloader()
-    for batch in loader:  # warm-up epoch: worker start-up, tokenizer load, page cache
+    for _ in loader:  # warm-up epoch: worker start-up, tokenizer load, page cache
         pass
     images, start = 0, time.perf_counter()
     for _ in range(epochs):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -90,24 +91,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Bicubic resize to (height, width); antialiased when shrinking (PIL filters over the support)."""
-    height, width = size
-    if image.size == (width, height):
-        return image
-    if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        # Let libjpeg decode at a reduced scale first when shrinking a lot: same result within the
-        # bicubic's own smoothing, several times faster on big photographs.
-        image.draft(image.mode, (width, height))
-    return image.resize((width, height), Image.Resampling.BICUBIC)
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize(image: Image.Image, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
-    """uint8 RGB PIL image -> float tensor [3, H, W], normalised per channel."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, antialiased resize of uint8 pixels [3, h, w] to (height, width).
+
+    torchvision's uint8 kernel: the same filter as PIL's bicubic (within 2 levels) at a fraction of the cost.
+    """
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    return TF.resize(pixels, list(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def normalize(pixels: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
+    """uint8 pixels [3, H, W] -> float32, normalised per channel."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
-    return (array.float() - mean_t) / std_t
+    return (pixels.float() - mean_t) / std_t
 
 
 def preprocess(
@@ -116,10 +119,10 @@ def preprocess(
     mean=SIGLIP_MEAN,
     std=SIGLIP_STD,
 ) -> torch.Tensor:
-    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise."""
-    height, width = image.height, image.width
-    target = policy.target_size(height, width)
+    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise -> [3, H, W]."""
+    target = policy.target_size(image.height, image.width)
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        image = resize(image, target)  # draft on the still-undecoded JPEG, then convert
-        return normalize(to_rgb(image), mean, std)
-    return normalize(resize(to_rgb(image), target), mean, std)
+        # Still undecoded: let libjpeg decode at a reduced DCT scale (never below the target) when
+        # shrinking 2x or more; big photographs then decode several times faster.
+        image.draft(image.mode, (target[1], target[0]))
+    return normalize(resize(to_tensor(to_rgb(image)), target), mean, std)
