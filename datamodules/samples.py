@@ -197,7 +197,7 @@ class SampleDecoder:
             image = open_image(blob, self.max_image_pixels, self.max_aspect_ratio)
             orig_sizes.append((image.height, image.width))
             try:
-                pixel_values.append(preprocess(image, self.policy))
+                pixel_values.append(preprocess(image, self.policy, normalized=False))
             except Exception as exn:  # truncated / corrupt data surfaces only when pixels are decoded
                 raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
         counts = [self.image_token_fn(*p.shape[-2:]) for p in pixel_values]

@@ -39,7 +39,7 @@ import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
-from llava_uhd.vision.resize import ResolutionPolicy, preprocess
+from llava_uhd.vision.resize import ResolutionPolicy, normalize, preprocess
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -193,11 +193,21 @@ class LlavaUHD(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _run_encoder(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]):
-        """Same-size tensor [N, 3, H, W]: dense path; list of [3, Hi, Wi]: packed path."""
+        """Same-size tensor [N, 3, H, W]: dense path; list of [3, Hi, Wi]: packed path.
+
+        uint8 pixels (what the data pipeline ships: 4x less to move between processes and to the
+        device) are normalised here, on the model's device; float pixels are taken as normalised.
+        """
         dtype = next(self.encoder.parameters()).dtype
         if isinstance(pixel_values, torch.Tensor):
-            return self.encoder(pixel_values.to(dtype))
-        return self.encoder([p.to(dtype) for p in pixel_values])
+            return self.encoder(self._as_input(pixel_values, dtype))
+        return self.encoder([self._as_input(p, dtype) for p in pixel_values])
+
+    def _as_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if pixels.dtype == torch.uint8:
+            cfg = getattr(self.encoder, "cfg", None)
+            pixels = normalize(pixels, *((cfg.mean, cfg.std) if hasattr(cfg, "mean") else ()))
+        return pixels.to(dtype)
 
     def _project(self, encoder_out) -> torch.Tensor:
         tokens = self.projector(encoder_out.tokens, encoder_out.grids)

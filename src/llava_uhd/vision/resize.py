@@ -107,10 +107,10 @@ def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
-    """uint8 pixels [3, H, W] -> float32, normalised per channel."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
-    return (pixels.float() - mean_t) / std_t
+    """uint8 pixels [3, H, W] -> float32 ``(x / 255 - mean) / std`` per channel, in one buffer."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(3, 1, 1)
+    return pixels.to(torch.float32).mul_(scale).add_(shift)
 
 
 def preprocess(
@@ -118,11 +118,17 @@ def preprocess(
     policy: ResolutionPolicy,
     mean=SIGLIP_MEAN,
     std=SIGLIP_STD,
+    normalized: bool = True,
 ) -> torch.Tensor:
-    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise -> [3, H, W]."""
+    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise -> [3, H, W].
+
+    ``normalized=False`` stops before normalising and returns uint8 pixels: the data pipeline batches
+    those (4x less to stack and to pass between processes) and normalises whole batches.
+    """
     target = policy.target_size(image.height, image.width)
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
         # Still undecoded: let libjpeg decode at a reduced DCT scale (never below the target) when
         # shrinking 2x or more; big photographs then decode several times faster.
         image.draft(image.mode, (target[1], target[0]))
-    return normalize(resize(to_tensor(to_rgb(image)), target), mean, std)
+    pixels = resize(to_tensor(to_rgb(image)), target)
+    return normalize(pixels, mean, std) if normalized else pixels
