@@ -242,7 +242,8 @@ class UHDDataModule(L.LightningDataModule):
     non-assistant tokens), ``pixel_values`` (uint8 pixels that the model normalises on its device:
     [N_img, 3, H, W] for a single bucket, else a list of [3, Hi, Wi]), ``image_sizes`` and
     ``orig_sizes`` per image (sample order, then image order, matching the order of the image pads in
-    ``input_ids``), ``images_per_sample``, ``keys``, ``meta`` per sample, ``skips`` (new skip counts from the worker that made the batch).
+    ``input_ids``), ``images_per_sample``, ``keys``, ``meta`` per sample, ``skips`` (new skip counts from the worker
+    that made the batch).
     """
 
     def __init__(
