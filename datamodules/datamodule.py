@@ -275,18 +275,59 @@ class UHDDataModule(L.LightningDataModule):
         seed: int = 0,
         max_image_pixels: int = 178_956_970,
         max_aspect_ratio: float = 50.0,
+        synthetic: dict[str, dict] | None = None,
     ) -> None:
+        """Shard specs, tokenizer, resolution policy, token budget and loader settings (see the class doc).
+
+        ``synthetic``: generate a split's shards on first use when its directory does not exist yet, e.g.
+        ``{"train": {"task": "shapegrid", "n": 64, "min_side": 64, "max_side": 256}}`` (tiny runs, the demo).
+        When the module trains with a LightningModule whose model has ``num_image_tokens`` (LlavaUHD), the
+        tokenizer, resolution policy and token counter are taken from that model (:meth:`bind_model`).
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "image_token_fn"])
-        if tokenizer is None and tokenizer_path is None:
-            raise ValueError("give tokenizer_path (a Hugging Face tokenizer directory) or a tokenizer")
         self._tokenizer = tokenizer
         self.policy = ResolutionPolicy(min_pixels, max_pixels, max_side, multiple=pixels_per_token)
         self.image_token_fn = image_token_fn or GridTokens(pixels_per_token)
         self.counter = SkipCounter()
 
+    def bind_model(self, model) -> None:
+        """Take tokenizer, resolution policy and image-token counter from a :class:`LlavaUHD`, so that the
+        ``<image>`` expansion always matches what the model's encoder and projector emit (SBE included)."""
+        if self._tokenizer is None:
+            self._tokenizer = model.tokenizer
+        self.policy = model.policy
+        self.image_token_fn = model.image_token_counter()
+
+    def prepare_data(self) -> None:
+        """Generate synthetic shards for splits configured in ``synthetic`` whose directory is missing."""
+        from datamodules.synthetic import write_synthetic
+
+        for split, settings in (self.hparams.synthetic or {}).items():
+            spec = self.hparams.get(f"{split}_shards")
+            if not isinstance(spec, str):
+                raise ValueError(f"data.synthetic.{split}: data.{split}_shards must be one directory to generate into")
+            if not os.path.isdir(spec):
+                index = write_synthetic(out=spec, **settings)
+                log.info("generated synthetic %s shards in %s: %s", split, spec, index.get("samples", index))
+
+    def setup(self, stage: str) -> None:
+        """Fail before training when a configured local shard spec matches nothing."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage, ()):
+            spec = self.hparams.get(f"{split}_shards")
+            if spec is None:
+                continue
+            urls = expand_shards(spec)
+            local = [u for u in urls if "://" not in u or u.startswith("file://")]
+            if not urls or (local and len(local) == len(urls) and not any(os.path.exists(u.removeprefix("file://"))
+                                                                       for u in local)):
+                raise FileNotFoundError(f"data.{split}_shards: no shard found for {spec!r}")
+
     @property
     def tokenizer(self):
+        if self._tokenizer is None and self.hparams.tokenizer_path is None:
+            raise ValueError("data.tokenizer_path: give a tokenizer directory (or train with a LlavaUHD model)")
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -311,9 +352,11 @@ class UHDDataModule(L.LightningDataModule):
 
     def _loader(self, spec, train: bool) -> StreamLoader:
         hp = self.hparams
+        if spec is None:
+            return []  # Lightning: no loader for this split
         urls = expand_shards(spec)
         if not urls:
-            raise ValueError("no shards for this split")
+            raise ValueError(f"no shards for {spec!r}")
         rank, world_size = self._rank()
         decoder = SampleDecoder(self.tokenizer, self.policy, self.image_token_fn, hp.max_length, hp.caption_prompt,
                                 hp.vision_markers, hp.max_image_pixels, hp.max_aspect_ratio)

@@ -117,6 +117,25 @@ def count_image_tokens(encoder: nn.Module, projector: nn.Module, height: int, wi
     return gh * gw
 
 
+@dataclass(frozen=True)
+class ImageTokenCounter:
+    """LLM positions of one preprocessed image, as a small picklable object for data-loader workers."""
+
+    pixels_per_token: int
+    """Native-resolution encoders: pixels per LLM token side (encoder reduction x projector merge)."""
+    slice_size: int = 0
+    """SBE: slice side in pixels (0 for native-resolution encoders)."""
+    tokens_per_view: int = 0
+    """SBE: LLM tokens of one slice or thumbnail."""
+
+    def __call__(self, height: int, width: int) -> int:
+        if not self.slice_size:
+            return (height // self.pixels_per_token) * (width // self.pixels_per_token)
+        rows, cols = height // self.slice_size, width // self.slice_size
+        separators = 0 if rows * cols == 1 else rows * cols
+        return slicing.views_per_image(rows, cols) * self.tokens_per_view + separators
+
+
 def resolution_policy(
     encoder: nn.Module, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
     max_side: int = 5120,
@@ -187,21 +206,32 @@ class LlavaUHD(nn.Module):
         """Visual tokens (positions in the LLM sequence) of a preprocessed ``height x width`` image."""
         return count_image_tokens(self.encoder, self.projector, height, width)
 
+    def image_token_counter(self) -> ImageTokenCounter:
+        """A picklable ``(height, width) -> tokens`` equal to :meth:`num_image_tokens`."""
+        if is_sliced(self.encoder):
+            gh, gw = self.projector.output_grid(*self.encoder.view_grid)
+            return ImageTokenCounter(self.pixels_per_token, self.encoder.slice_size, gh * gw)
+        return ImageTokenCounter(self.pixels_per_token)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised [3, H, W] at the size this model's resolution policy picks."""
         return preprocess(image, self.policy)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def _run_encoder(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]):
-        """Same-size tensor [N, 3, H, W]: dense path; list of [3, Hi, Wi]: packed path.
+    def encoder_input(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]):
+        """Pixels as the encoder takes them: normalised, in its dtype (tensor stays tensor, list stays list).
 
         uint8 pixels (what the data pipeline ships: 4x less to move between processes and to the
         device) are normalised here, on the model's device; float pixels are taken as normalised.
         """
         dtype = next(self.encoder.parameters()).dtype
         if isinstance(pixel_values, torch.Tensor):
-            return self.encoder(self._as_input(pixel_values, dtype))
-        return self.encoder([self._as_input(p, dtype) for p in pixel_values])
+            return self._as_input(pixel_values, dtype)
+        return [self._as_input(p, dtype) for p in pixel_values]
+
+    def run_encoder(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]):
+        """Same-size tensor [N, 3, H, W]: dense path; list of [3, Hi, Wi]: packed path."""
+        return self.encoder(self.encoder_input(pixel_values))
 
     def _as_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if pixels.dtype == torch.uint8:
@@ -209,7 +239,7 @@ class LlavaUHD(nn.Module):
             pixels = normalize(pixels, *((cfg.mean, cfg.std) if hasattr(cfg, "mean") else ()))
         return pixels.to(dtype)
 
-    def _project(self, encoder_out) -> torch.Tensor:
+    def project(self, encoder_out) -> torch.Tensor:
         tokens = self.projector(encoder_out.tokens, encoder_out.grids)
         if is_sliced(self.encoder):
             separators = self.llm.get_input_embeddings()(self.separator_ids)
@@ -218,9 +248,9 @@ class LlavaUHD(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Images -> [sum N_i, D] LLM-width tokens, image after image, each in its token-stream order."""
-        return self._project(self._run_encoder(pixel_values))
+        return self.project(self.run_encoder(pixel_values))
 
-    def _splice(self, input_ids: torch.Tensor, visual: torch.Tensor | None, sizes: list) -> torch.Tensor:
+    def splice(self, input_ids: torch.Tensor, visual: torch.Tensor | None, sizes: list) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
         positions = int(mask.sum())
@@ -240,9 +270,9 @@ class LlavaUHD(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with the visual tokens written over the ``<|image_pad|>`` positions, in order."""
         if pixel_values is None or len(pixel_values) == 0:
-            return self._splice(input_ids, None, [])
+            return self.splice(input_ids, None, [])
         sizes = [tuple(p.shape[-2:]) for p in pixel_values]
-        return self._splice(input_ids, self.encode_images(pixel_values), sizes)
+        return self.splice(input_ids, self.encode_images(pixel_values), sizes)
 
     def forward(
         self,
@@ -306,11 +336,11 @@ class LlavaUHD(nn.Module):
         visual = None
         if pixels:
             pixels = [p.to(device) for p in pixels]
-            encoder_out = self._run_encoder(torch.stack(pixels) if len(set(sizes)) == 1 else pixels)
+            encoder_out = self.run_encoder(torch.stack(pixels) if len(set(sizes)) == 1 else pixels)
             self._sync()
             encoded = time.perf_counter()
-            visual = self._project(encoder_out)
-        embeds = self._splice(input_ids, visual, sizes)
+            visual = self.project(encoder_out)
+        embeds = self.splice(input_ids, visual, sizes)
         self._sync()
         spliced = time.perf_counter()
         clock = _StepClock(self._sync)
