@@ -320,9 +320,10 @@ class UHDModule(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         groups = []
+        scheduled = getattr(self, "scheduled_parts", ())  # frozen now, unfrozen later by PreAlignmentFreeze
         for part in PARTS:
             params = self.part_parameters(part)
-            if part not in self.trainable_parts or not params:
+            if (part not in self.trainable_parts and part not in scheduled) or not params:
                 continue
             lr = self.lrs.get(part)
             if lr is None:
