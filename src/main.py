@@ -1,0 +1,93 @@
+"""LLaVA-UHD v3 training app: ``python src/main.py fit -c configs/stage2.yaml [-c configs/tiny.yaml] [--key value]``.
+
+A LightningCLI in subclass mode: ``model`` is a stage (``llava_uhd.stages.PreAlignment`` / ``Pretrain`` /
+``SFT``), ``data`` a ``datamodules.UHDDataModule``. ``configs/base.yaml`` is always loaded first; stage
+files hold only what differs; any key can be overridden (``--model.wtc_pooling avg``,
+``--model.wtc_layers "[4, 18]"``). ``--ckpt_path last`` resumes the newest run of the configured logger
+name in its own log directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules import UHDDataModule
+from llava_uhd.stages import UHDModule
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIGS / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def newest_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the newest version that has one."""
+    runs = Path(save_dir) / name
+    candidates = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+class UHDCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Checkpointing as its own config section, so overlays can change it (`checkpoint.every_n_train_steps`).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
+                             "checkpoint.every_n_train_steps": 1000})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        logger = config.trainer.logger
+        init = getattr(logger, "init_args", None)
+        if init is None or "save_dir" not in init:
+            return  # let Lightning resolve "last" itself
+        found = newest_last_checkpoint(init.save_dir, init.get("name") or "lightning_logs")
+        if found is None:
+            raise FileNotFoundError(f"ckpt_path: no last.ckpt under {Path(init.save_dir) / (init.get('name') or '')}")
+        config.ckpt_path = str(found)
+        init.version = found.parent.parent.name  # keep logging into the resumed run's directory
+        print(f"resuming from {found}", file=sys.stderr)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> UHDCLI:
+    defaults = {"default_config_files": [str(BASE_CONFIG)]}
+    return UHDCLI(
+        UHDModule,
+        UHDDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={name: defaults for name in SUBCOMMANDS},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+CONFIG_KEYS = ("model.", "data.", "trainer.", "ckpt_path")
+
+
+def config_error(err: BaseException) -> str | None:
+    """The message of a settings error raised by our code (it names the key), wherever it sits in the chain."""
+    while err is not None:
+        if isinstance(err, (ValueError, FileNotFoundError)) and str(err).startswith(CONFIG_KEYS):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def cli() -> None:
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        message = config_error(err)
+        if message is None:
+            raise
+        sys.exit(f"config error: {message}")  # a user setting: no traceback
+
+
+if __name__ == "__main__":
+    cli()
