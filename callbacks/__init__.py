@@ -1,0 +1,18 @@
+"""Training callbacks: WTC zero-init check, WTC gate monitor, stage freezing, throughput, export, predictions."""
+
+from .export import ExportModel
+from .freeze import PreAlignmentFreeze
+from .gate_monitor import WTCGateMonitor
+from .prediction_writer import JSONLPredictionWriter
+from .throughput import ThroughputLogger
+from .zero_init import ZeroInitCheck, ZeroInitError
+
+__all__ = [
+    "ExportModel",
+    "JSONLPredictionWriter",
+    "PreAlignmentFreeze",
+    "ThroughputLogger",
+    "WTCGateMonitor",
+    "ZeroInitCheck",
+    "ZeroInitError",
+]
