@@ -30,6 +30,7 @@ def materialize(model: LlavaUHD, state: dict[str, torch.Tensor]) -> LlavaUHD:
     with torch.device("meta"):
         copy = LlavaUHD(config, tokenizer=model.tokenizer)
     copy.load_state_dict(state, assign=True, strict=True)
+    copy.llm.tie_weights()  # assign=True replaced tied parameters by separate ones: share them again
     sources = dict(model.named_buffers())
     for name, _ in list(copy.named_buffers()):
         if name not in state:
