@@ -380,3 +380,6 @@ class UHDDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> StreamLoader:
         return self._loader(self.hparams.test_shards, train=False)
+
+    def predict_dataloader(self) -> StreamLoader:
+        return self._loader(self.hparams.test_shards, train=False)

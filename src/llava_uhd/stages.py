@@ -29,6 +29,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from .llm import tiny_qwen2_config
+from .metrics import VQAMetrics, plot_cell_accuracy
 from .mllm import WEIGHTS_NAME, LlavaUHD, LlavaUHDConfig
 from .tokenizer import build_tiny_tokenizer
 
@@ -182,6 +183,7 @@ class UHDModule(L.LightningModule):
             self.model.encoder.set_grad_checkpointing(True)
             self.model.llm.gradient_checkpointing_enable()
         self.nonfinite_steps = 0
+        self.metrics = nn.ModuleDict({"val": VQAMetrics(), "test": VQAMetrics()})
 
     # -- parts ---------------------------------------------------------------------------------------------------
     @property
@@ -284,6 +286,42 @@ class UHDModule(L.LightningModule):
         loss, _ = self._forward(batch)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", batch_size=batch["input_ids"].shape[0],
                  sync_dist=True)
+        if self._generates():
+            records = self.answer(batch)
+            scored = [(r["answer"], m) for r, m in zip(records, batch["meta"]) if m.get("answer") is not None]
+            if scored:
+                self.metrics[split].update([p for p, _ in scored], [m for _, m in scored])
+
+    def _generates(self) -> bool:
+        """Generation in validate/test: off under FSDP2, where ranks would run unequal numbers of forwards."""
+        if not self.hparams.eval_generate:
+            return False
+        if getattr(self, "device_mesh", None) is not None:
+            if not getattr(self, "_warned_generation", False):
+                log.warning("eval_generate is skipped under a sharded strategy: validation reports the loss only")
+                self._warned_generation = True
+            return False
+        return True
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, split: str) -> None:
+        metric = self.metrics[split]
+        if not self._generates() or not metric.update_called:
+            return
+        values = metric.compute()
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False)
+        experiment = getattr(self.logger, "experiment", None)
+        for task in metric.cell_tasks():
+            cells = metric.cell_accuracy(task)
+            if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+                figure = plot_cell_accuracy(cells, f"{split} {task}: accuracy per grid cell")
+                experiment.add_figure(f"{split}/cell_accuracy/{task}", figure, self.global_step)
+        metric.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         return self.answer(batch)
@@ -294,14 +332,15 @@ class UHDModule(L.LightningModule):
 
         records = []
         images = self._images_per_sample(batch)
-        for meta, sample_images in zip(batch.get("meta", []), images):
+        keys = batch.get("keys") or [None] * len(images)
+        for key, meta, sample_images in zip(keys, batch.get("meta", []), images):
             question = meta.get("question") or meta.get("prompt") or ""
             if not question and meta.get("conversations"):
                 question = normalize_turns(meta["conversations"])[0]["content"]
             result = self.model.generate(sample_images, question, max_new_tokens=self.hparams.max_new_tokens,
                                          num_beams=self.hparams.num_beams)
             records.append({
-                "key": meta.get("key"), "prompt": question, "answer": result.text,
+                "key": key, "task": meta.get("task"), "prompt": question, "answer": result.text,
                 "reference": meta.get("answer"), "encoder_ms": result.encoder_ms, "prefill_ms": result.prefill_ms,
                 "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
             })
