@@ -38,7 +38,7 @@ class UHDCLI(LightningCLI):
                              "checkpoint.every_n_train_steps": 1000})
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path") != "last":
             return
         logger = config.trainer.logger
@@ -79,9 +79,9 @@ def config_error(err: BaseException) -> str | None:
     return None
 
 
-def cli() -> None:
+def cli(args: list[str] | None = None) -> None:
     try:
-        main()
+        main(args)
     except (ValueError, FileNotFoundError) as err:
         message = config_error(err)
         if message is None:
