@@ -23,7 +23,10 @@ def make_module(data_dir):
     def make(cls, **kwargs):
         defaults = dict(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 64}, tokenizer=str(data_dir / "tok"),
                         projector="mlp")
-        return cls(**{**defaults, **kwargs})
+        module = cls(**{**defaults, **kwargs})
+        # Small images (40-120 px, multiples of 40) instead of the 512^2 minimum area: fast CPU steps.
+        module.model.config.min_pixels, module.model.config.max_pixels = 40 * 40, 120 * 120
+        return module
 
     return make
 
