@@ -44,7 +44,8 @@ def test_full_size_stage_configs_parse(stage, capsys):
         main(["fit", "-c", str(CONFIGS / stage), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert f"llava_uhd.stages.{ {'stage1.yaml': 'PreAlignment', 'stage2.yaml': 'Pretrain', 'stage3.yaml': 'SFT'}[stage]}" in printed
+    stage_class = {"stage1.yaml": "PreAlignment", "stage2.yaml": "Pretrain", "stage3.yaml": "SFT"}[stage]
+    assert f"llava_uhd.stages.{stage_class}" in printed
     assert "vit_uhd_so400m_patch10_siglip" in printed and "bf16-mixed" in printed  # base.yaml loaded first
 
 

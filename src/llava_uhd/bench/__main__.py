@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokens": ("llava_uhd.bench.tokens", "visual tokens reaching the LLM per encoder and resolution"),
+    "ttft": ("llava_uhd.bench.ttft", "time to first token and FLOPs per encoder and resolution, same LLM"),
 }
 
 
