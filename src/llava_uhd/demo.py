@@ -60,9 +60,8 @@ def main(steps: int = 40) -> None:
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     print("\nlogs (tensorboard --logdir runs/tiny):")
     for stage in (1, 2, 3):
-        run_dir = newest(f"stage{stage}/version_*")
-        print(f"  stage {stage}: {run_dir.relative_to(ROOT)}  checkpoints: {(run_dir / 'checkpoints').relative_to(ROOT)}"
-              f"  export: {(run_dir / 'export').relative_to(ROOT)}")
+        run_dir = newest(f"stage{stage}/version_*").relative_to(ROOT)
+        print(f"  stage {stage}: {run_dir}  checkpoints: {run_dir / 'checkpoints'}  export: {run_dir / 'export'}")
     print("\nstage 3 on three validation questions:")
     for line in predictions.read_text().splitlines()[:3]:
         record = json.loads(line)
