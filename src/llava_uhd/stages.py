@@ -239,6 +239,10 @@ class UHDModule(L.LightningModule):
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pixel_values = batch.get("pixel_values")
         has_images = pixel_values is not None and len(pixel_values) > 0 and pixel_values[0].numel() > 0
+        if self.teacher is None:  # one call through LlavaUHD.forward: under FSDP2 that is the root's forward
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             labels=batch["labels"], pixel_values=pixel_values if has_images else None)
+            return out.loss, {"lm_loss": out.loss}
         encoder_out = self.model.run_encoder(pixel_values) if has_images else None
         visual = self.model.project(encoder_out) if has_images else None
         sizes = batch.get("image_sizes") or []
@@ -381,11 +385,20 @@ class UHDModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """FSDP2 (``ModelParallelStrategy``): shard each ViT block and each LLM decoder layer, then the root."""
+        """FSDP2 (``ModelParallelStrategy``): shard each ViT block and each LLM decoder layer, then the root.
+
+        Frozen parts are sharded like the rest; they get no gradients and no optimizer state. Training runs
+        through ``LlavaUHD.forward`` so that the root unshards its own parameters (patch embedding, WTC,
+        projector, embeddings, LM head) for the step; the piecewise distillation path does not, hence the error.
+        """
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
+
+        if self.teacher is not None:
+            raise ValueError("model.distill_weight: feature distillation is not supported under FSDP2 "
+                             "(ModelParallelStrategy); use DDP or FSDPStrategy for stage 1 with distillation")
 
         data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         vit = getattr(self.model.encoder, "base", self.model.encoder)
@@ -394,8 +407,13 @@ class UHDModule(L.LightningModule):
         for layer in self.model.llm.model.layers:
             fully_shard(layer, mesh=data_mesh)
         fully_shard(self.model, mesh=data_mesh)
-        if self.teacher is not None:
-            fully_shard(self.teacher, mesh=data_mesh)
+
+    # -- checkpoint ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run keeps counting skipped batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
 
 
 class PreAlignment(UHDModule):
