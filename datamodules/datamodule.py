@@ -296,7 +296,11 @@ class UHDDataModule(L.LightningDataModule):
         ``<image>`` expansion always matches what the model's encoder and projector emit (SBE included)."""
         if self._tokenizer is None:
             self._tokenizer = model.tokenizer
-        self.policy = model.policy
+        policy = model.policy
+        if isinstance(policy, ResolutionPolicy):  # the model fixes the multiple; the pixel budget is the data's
+            hp = self.hparams
+            policy = ResolutionPolicy(hp.min_pixels, hp.max_pixels, hp.max_side, multiple=policy.multiple)
+        self.policy = policy
         self.image_token_fn = model.image_token_counter()
 
     def prepare_data(self) -> None:

@@ -52,7 +52,7 @@ def main(steps: int = 40) -> None:
     subprocess.run(
         [sys.executable, "src/main.py", "predict", "-c", "configs/stage3.yaml", "-c", "configs/tiny.yaml",
          "--model.init_from", str(export.relative_to(ROOT)), "--data.test_shards", "data/tiny/val",
-         "--data.max_batch_size", "3", "--trainer.limit_predict_batches", "1",
+         "--data.max_batch_size", "1", "--trainer.limit_predict_batches", "3", "--trainer.logger", "false",
          "--trainer.callbacks+=callbacks.JSONLPredictionWriter",
          f"--trainer.callbacks.output_path={predictions.relative_to(ROOT)}"],
         cwd=ROOT, check=True,
@@ -60,7 +60,7 @@ def main(steps: int = 40) -> None:
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     print("\nlogs (tensorboard --logdir runs/tiny):")
     for stage in (1, 2, 3):
-        run_dir = newest(f"stage{stage}/version_*").relative_to(ROOT)
+        run_dir = newest(f"stage{stage}/version_*/checkpoints").parent.relative_to(ROOT)
         print(f"  stage {stage}: {run_dir}  checkpoints: {run_dir / 'checkpoints'}  export: {run_dir / 'export'}")
     print("\nstage 3 on three validation questions:")
     for line in predictions.read_text().splitlines()[:3]:
