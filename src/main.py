@@ -24,10 +24,15 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def newest_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
-    """``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the newest version that has one."""
+    """``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the newest version that has one: a file, or an
+    FSDP2 distributed-checkpoint directory (dated by its newest file: re-saving overwrites files in place)."""
     runs = Path(save_dir) / name
-    candidates = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=_saved_at)
     return candidates[-1] if candidates else None
+
+
+def _saved_at(path: Path) -> float:
+    return max(p.stat().st_mtime for p in (path, *path.iterdir())) if path.is_dir() else path.stat().st_mtime
 
 
 class UHDCLI(LightningCLI):

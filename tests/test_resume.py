@@ -170,3 +170,21 @@ def test_sigkill_during_checkpoint_save_leaves_no_corrupt_checkpoint(tmp_path_fa
     assert files == [ckpts / "last.ckpt"]  # the previous last.ckpt, intact
     resume_and_check(data, tmp_path, extra_steps=1, every=1)
     assert not any(ckpts.glob(f"*{PARTIAL}*"))  # the next save cleared the killed one's leftovers
+
+
+def test_ckpt_path_last_finds_distributed_checkpoint_directories(tmp_path, monkeypatch):
+    """FSDP2's last.ckpt is a directory whose files are overwritten in place: the newest file dates it."""
+    monkeypatch.syspath_prepend(str(ROOT / "src"))
+    from main import newest_last_checkpoint
+
+    old_file = tmp_path / "stage2" / "version_0" / "checkpoints" / "last.ckpt"
+    new_dir = tmp_path / "stage2" / "version_1" / "checkpoints" / "last.ckpt"
+    old_file.parent.mkdir(parents=True)
+    new_dir.mkdir(parents=True)
+    old_file.write_bytes(b"x")
+    (new_dir / "meta.pt").write_bytes(b"x")
+    os.utime(new_dir, (1, 1))  # the directory itself looks old; its meta.pt was just rewritten
+    os.utime(old_file, (time.time() - 60, time.time() - 60))
+    assert newest_last_checkpoint(tmp_path, "stage2") == new_dir
+    os.utime(new_dir / "meta.pt", (2, 2))
+    assert newest_last_checkpoint(tmp_path, "stage2") == old_file
