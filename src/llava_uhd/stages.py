@@ -183,6 +183,7 @@ class UHDModule(L.LightningModule):
             self.model.encoder.set_grad_checkpointing(True)
             self.model.llm.gradient_checkpointing_enable()
         self.nonfinite_steps = 0
+        self._drop_gradients = False
         self.metrics = nn.ModuleDict({"val": VQAMetrics(), "test": VQAMetrics()})
 
     # -- parts ---------------------------------------------------------------------------------------------------
@@ -263,15 +264,27 @@ class UHDModule(L.LightningModule):
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:  # every rank skips together: no backward, no optimizer step, weights untouched
+        if bad:  # every rank skips together: no update, weights and optimizer state untouched
             self.nonfinite_steps += 1
             log.warning("step %d: non-finite loss, batch skipped (%d so far)", self.global_step, self.nonfinite_steps)
             self.log("train/nonfinite_skipped", float(self.nonfinite_steps), batch_size=batch_size)
-            return None
+            if self.trainer.world_size == 1:
+                return None  # no backward, no optimizer step
+            # Lightning refuses a None step on several ranks: every rank back-propagates a zero (DDP's all-reduce
+            # and FSDP's reduce-scatter run as usual, nobody waits), then on_after_backward drops the gradients,
+            # so the optimizer skips every parameter (AdamW leaves parameters without a gradient alone).
+            self._drop_gradients = True
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
+
+    def on_after_backward(self) -> None:
+        if self._drop_gradients:  # a non-finite step under several ranks (training_step)
+            for param in self.parameters():
+                param.grad = None
+            self._drop_gradients = False
 
     def _log_skips(self, batch: dict) -> None:
         skips = batch.get("skips") or {}
