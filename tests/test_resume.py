@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -149,28 +150,35 @@ def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path_factory, 
     assert_checkpoints_load(ckpts)
 
 
+def saving_over_a_saved_last(ckpts: Path) -> bool:
+    """A complete last.ckpt exists and the next one is being written."""
+    return (ckpts / "last.ckpt").is_file() and any(ckpts.glob(f"last.ckpt{PARTIAL}*"))
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_save_leaves_no_corrupt_checkpoint(tmp_path_factory, tmp_path):
     """Every step writes last.ckpt with 48 MB of ballast (only last.ckpt: save_top_k 0), so a write takes long
-    enough to be caught: the kill lands while ``last.ckpt.partial-<pid>`` is being written."""
+    enough to be caught: the kill is sent as soon as ``last.ckpt.partial-<pid>`` appears over a complete
+    last.ckpt. A kill that still lands after the rename is retried with a fresh run (at most 3 runs)."""
     data = tiny_data(tmp_path_factory)
-    log = tmp_path / "killed.log"
     extra = ("--model.init_args.ballast_mb", "48", "--checkpoint.save_top_k", "0")
-    proc = start_app(app_args(data, tmp_path, 1000, 1, *extra), log)
-    ckpts = tmp_path / "runs" / "stage2" / "version_0" / "checkpoints"
+    for attempt in range(3):
+        run_dir = tmp_path / f"attempt{attempt}"
+        run_dir.mkdir()
+        log = run_dir / "killed.log"
+        proc = start_app(app_args(data, run_dir, 1000, 1, *extra), log)
+        ckpts = run_dir / "runs" / "stage2" / "version_0" / "checkpoints"
 
-    def saving_over_a_saved_last() -> bool:  # a complete last.ckpt exists and the next one is being written
-        return (ckpts / "last.ckpt").is_file() and any(ckpts.glob(f"last.ckpt{PARTIAL}*"))
-
-    wait_for(saving_over_a_saved_last, proc, log, poll=0.01)
-    kill(proc)
-    partial = list(ckpts.glob(f"last.ckpt{PARTIAL}*"))
-    assert partial, "the kill did not land inside a save"
+        wait_for(partial(saving_over_a_saved_last, ckpts), proc, log, poll=0.005)
+        kill(proc)
+        if any(ckpts.glob(f"last.ckpt{PARTIAL}*")):
+            break
+    else:
+        pytest.fail("no kill landed inside a checkpoint save in 3 runs")
     files = assert_checkpoints_load(ckpts)
     assert files == [ckpts / "last.ckpt"]  # the previous last.ckpt, intact
-    resume_and_check(data, tmp_path, extra_steps=1, every=1)
+    resume_and_check(data, run_dir, extra_steps=1, every=1)
     assert not any(ckpts.glob(f"*{PARTIAL}*"))  # the next save cleared the killed one's leftovers
-
 
 def test_ckpt_path_last_finds_distributed_checkpoint_directories(tmp_path, monkeypatch):
     """FSDP2's last.ckpt is a directory whose files are overwritten in place: the newest file dates it."""
@@ -188,3 +196,19 @@ def test_ckpt_path_last_finds_distributed_checkpoint_directories(tmp_path, monke
     assert newest_last_checkpoint(tmp_path, "stage2") == new_dir
     os.utime(new_dir / "meta.pt", (2, 2))
     assert newest_last_checkpoint(tmp_path, "stage2") == old_file
+
+
+def test_distributed_checkpoint_directory_is_swapped_in_whole(tmp_path):
+    """FSDP2 saves into ``last.ckpt.partial-dcp`` and then takes ``last.ckpt``'s place in one step."""
+    from llava_uhd.strategies import publish
+
+    target, new = tmp_path / "last.ckpt", tmp_path / f"last.ckpt{PARTIAL}dcp"
+    new.mkdir()
+    (new / "meta.pt").write_text("step 2")
+    publish(new, target)  # first save: a rename
+    assert (target / "meta.pt").read_text() == "step 2" and not new.exists()
+    new.mkdir()
+    (new / "meta.pt").write_text("step 4")
+    publish(new, target)  # over an existing checkpoint: exchanged, then the old one removed
+    assert (target / "meta.pt").read_text() == "step 4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
