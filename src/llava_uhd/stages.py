@@ -183,7 +183,7 @@ class UHDModule(L.LightningModule):
             self.model.encoder.set_grad_checkpointing(True)
             self.model.llm.gradient_checkpointing_enable()
         self.nonfinite_steps = 0
-        self._drop_gradients = False
+        self.skipping_step = False  # True from a skipped non-finite training_step to the end of its backward
         self.metrics = nn.ModuleDict({"val": VQAMetrics(), "test": VQAMetrics()})
 
     # -- parts ---------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class UHDModule(L.LightningModule):
             # Lightning refuses a None step on several ranks: every rank back-propagates a zero (DDP's all-reduce
             # and FSDP's reduce-scatter run as usual, nobody waits), then on_after_backward drops the gradients,
             # so the optimizer skips every parameter (AdamW leaves parameters without a gradient alone).
-            self._drop_gradients = True
+            self.skipping_step = True
             return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
@@ -281,10 +281,11 @@ class UHDModule(L.LightningModule):
         return loss
 
     def on_after_backward(self) -> None:
-        if self._drop_gradients:  # a non-finite step under several ranks (training_step)
+        # Callbacks' on_after_backward run before this one: they see skipping_step and should ignore such gradients.
+        if self.skipping_step:  # a non-finite step under several ranks (training_step)
             for param in self.parameters():
                 param.grad = None
-            self._drop_gradients = False
+            self.skipping_step = False
 
     def _log_skips(self, batch: dict) -> None:
         skips = batch.get("skips") or {}
