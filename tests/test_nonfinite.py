@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from llava_uhd.stages import Pretrain
@@ -109,6 +110,7 @@ class ProbePretrain(Pretrain):
         self._write()
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_counted_and_leave_weights_untouched(tmp_path_factory, tmp_path, monkeypatch):
     """Single process, in-process: NaN at steps 1 and 3 of 5 -> 2 skips, 3 AdamW steps, weights unchanged."""
     data = tiny_data(tmp_path_factory)
