@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokens": ("llava_uhd.bench.tokens", "visual tokens reaching the LLM per encoder and resolution"),
     "ttft": ("llava_uhd.bench.ttft", "time to first token and FLOPs per encoder and resolution, same LLM"),
+    "pilot": ("llava_uhd.bench.pilot", "pilot experiment: GNE vs SBE vs PVC accuracy per ShapeGrid cell"),
+    "ablate": ("llava_uhd.bench.ablate", "ablations: WTC pooling, WTC placement, RPE patch size vs cost"),
 }
 
 
