@@ -68,6 +68,7 @@ class ExportModel(L.Callback):
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_model_state_dict(model, options=options)  # a collective: every rank
+            state = {k: v.clone() for k, v in state.items()}  # gathered tensors may share storage: safetensors refuses
             if trainer.is_global_zero:
                 materialize(model, state).save_pretrained(path)
         elif trainer.is_global_zero:

@@ -69,8 +69,8 @@ class ZeroInitCheck(L.Callback):
             self._gradient_pending = [n for n, m in modules if m.fc2.weight.requires_grad]
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._gradient_pending:
-            return
+        if not self._gradient_pending or getattr(pl_module, "skipping_step", False):
+            return  # nothing to check, or a skipped non-finite step whose gradients are about to be dropped
         modules = dict(find_wtc(pl_module))
         pending = []
         for name in self._gradient_pending:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, probe, run_app, saved_step, tiny_data
@@ -45,7 +46,9 @@ def fsdp2_run(tmp_path_factory) -> Path:
     data = tiny_data(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("fsdp2")
     nan = ("--model.init_args.nan_steps", "[2]", "--model.init_args.nan_ranks", "[0]")
-    launch_twice(data, run_dir, "fsdp2.yaml", *nan)
+    # packed (mixed-size) batches: the packed ViT path must go through each sharded block's hooks
+    packed_export = ("--data.packed", "true", "--trainer.callbacks+=callbacks.ExportModel")
+    launch_twice(data, run_dir, "fsdp2.yaml", *packed_export, *nan)
     return run_dir
 
 
@@ -133,3 +136,12 @@ def test_fsdp1_overlay_resolves_to_an_fsdp_strategy():
 def load(path: str) -> type:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def test_fsdp2_run_exports_a_loadable_model_folder(fsdp2_run):
+    from llava_uhd.mllm import LlavaUHD
+
+    exports = list((fsdp2_run / "runs").rglob("export/model.safetensors"))
+    assert len(exports) == 1
+    model = LlavaUHD.from_pretrained(exports[0].parent)  # gathered from the shards of both ranks
+    assert all(torch.isfinite(p).all() for p in model.parameters())

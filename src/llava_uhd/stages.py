@@ -413,11 +413,6 @@ class UHDModule(L.LightningModule):
         if self.teacher is not None:
             raise ValueError("model.distill_weight: feature distillation is not supported under FSDP2 "
                              "(ModelParallelStrategy); use DDP or FSDPStrategy for stage 1 with distillation")
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if getattr(getattr(datamodule, "hparams", None), "packed", False):
-            # the packed ViT path calls each block's layers directly, past the FSDP2 block's unshard hook
-            raise ValueError("data.packed: packed (mixed-size) encoding is not supported under FSDP2 "
-                             "(ModelParallelStrategy); use same-size buckets (data.packed false) or DDP")
 
         data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         vit = getattr(self.model.encoder, "base", self.model.encoder)

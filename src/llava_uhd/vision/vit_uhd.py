@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Attention, resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -123,10 +124,29 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, lengths: list[int]) -> to
     return attn.proj_drop(attn.proj(y))
 
 
+_PACKED_LENGTHS: ContextVar[list[int] | None] = ContextVar("packed_lengths", default=None)
+
+
+class PackedAttention(Attention):
+    """timm ``Attention`` (same parameters, same checkpoint keys) that attends within each image when the
+    encoder runs a packed [N, C] sequence; a dense [B, N, C] call is timm's own forward."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        lengths = _PACKED_LENGTHS.get()
+        if lengths is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return packed_attention(self, x, lengths)
+
+
 def packed_block(block: Block, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """timm ``Block`` on a packed sequence: every per-token op on the whole pack, attention per image."""
-    x = x + block.drop_path1(block.ls1(packed_attention(block.attn, block.norm1(x), lengths)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    """A timm ``Block`` over a packed sequence, called through ``block(...)`` so that module hooks (FSDP2's
+    unshard, activation checkpointing) see it: per-token layers on the whole pack, attention per image.
+    (Drop-path, when enabled, would drop per token here; ViT-UHD runs with drop_path_rate 0.)"""
+    token = _PACKED_LENGTHS.set(lengths)
+    try:
+        return block(x)
+    finally:
+        _PACKED_LENGTHS.reset(token)
 
 
 class ViTUHD(VisionTransformer):
@@ -148,6 +168,7 @@ class ViTUHD(VisionTransformer):
             no_embed_class=True,
             dynamic_img_size=True,
             act_layer=cfg.act_layer,
+            attn_layer=PackedAttention,
         )
         self.cfg = cfg
         self.wtc = nn.ModuleDict(
