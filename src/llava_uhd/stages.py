@@ -251,11 +251,10 @@ class UHDModule(L.LightningModule):
         out = self.model.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
                              labels=batch["labels"], use_cache=False)
         terms = {"lm_loss": out.loss}
-        loss = out.loss
-        if self.teacher is not None and has_images:
-            terms["distill_loss"] = self.distill_loss(encoder_out, pixel_values)
-            loss = loss + self.hparams.distill_weight * terms["distill_loss"]
-        return loss, terms
+        if not has_images:
+            return out.loss, terms
+        terms["distill_loss"] = self.distill_loss(encoder_out, pixel_values)
+        return out.loss + self.hparams.distill_weight * terms["distill_loss"], terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, terms = self._forward(batch)
