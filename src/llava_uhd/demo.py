@@ -53,6 +53,7 @@ def main(steps: int = 40) -> None:
         [sys.executable, "src/main.py", "predict", "-c", "configs/stage3.yaml", "-c", "configs/tiny.yaml",
          "--model.init_from", str(export.relative_to(ROOT)), "--data.test_shards", "data/tiny/val",
          "--data.max_batch_size", "1", "--trainer.limit_predict_batches", "3", "--trainer.logger", "false",
+         "--trainer.default_root_dir", "runs/tiny/predict",
          "--trainer.callbacks+=callbacks.JSONLPredictionWriter",
          f"--trainer.callbacks.output_path={predictions.relative_to(ROOT)}"],
         cwd=ROOT, check=True,
