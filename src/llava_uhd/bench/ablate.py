@@ -120,12 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=PilotData.train)
     parser.add_argument("--test-samples", type=int, default=PilotData.test)
     parser.add_argument("--question", choices=("position", "marked"), default=PilotData.question)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--reuse", action="store_true", help="evaluate earlier runs of the same steps and data")
     parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
                         help="extra src/main.py fit argument (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = PilotData(args.grid, args.min_side, args.max_side, args.train_samples, args.test_samples,
                      question=args.question)
     data = write_pilot_data(spec, Path(args.data))

@@ -8,11 +8,14 @@ for the same number of steps (``configs/pilot/{gne,sbe,pvc}.yaml`` over ``config
 
 The paper reports a *cross-shaped bias* for slice-based encoding: cells that a slice boundary cuts through
 are answered worse. To make that measurable here the pilot data is a fixed layout (:func:`pilot_sample`):
-square images whose side keeps the tiny SBE at a 2x2 grid of 112 px slices (plus its thumbnail), and an
-odd grid (3x3 by default), so the one horizontal and one vertical slice boundary run through the middle
-row and column of shapes. Every cell holds a shape; the question names a cell and the answer is its colour
-only (one word, exact match): the 2-layer, width-64 LLM cannot be expected to learn the full
-"colour shape" answer in a few minutes of CPU, and the colour alone is enough to test localisation.
+224 px squares, which the tiny SBE cuts into a 2x2 grid of 112 px slices (plus its thumbnail), and an odd
+grid (3x3 by default), so the one horizontal and one vertical slice boundary run through the shapes of the
+middle row and column: 5 of the 9 cells are "cut", the 4 corners are not. Every cell holds a shape; the
+question names a cell ("What colour is the shape at row 2, column 3?") and the answer is its colour only
+(one word of 8, exact match): the 2-layer, width-64 LLM cannot be expected to learn the full "colour
+shape" answer in minutes of CPU. The question comes before the image in the prompt, so that the image
+tokens can attend to it in the causal LLM. ``--question marked`` instead frames the asked cell in black
+and asks for the colour in the frame (7 colours).
 
 Outputs in ``--out``: ``pilot.csv`` (one row per encoder: tokens, steps, train time, accuracy, accuracy on
 cells cut by an SBE slice boundary vs the others), ``pilot_cells.csv`` (every cell), ``pilot.json``,
@@ -29,6 +32,7 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,7 +254,8 @@ def plot(cells: dict[str, np.ndarray], accuracy: dict[str, float], mask: np.ndar
                     ax.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center", fontsize=8,
                             color="black" if values[r, c] > 0.5 else "white")
                 if mask[r, c]:
-                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+                    ax.add_patch(Rectangle((c - 0.44, r - 0.44), 0.88, 0.88, fill=False, edgecolor="red",
+                                           linestyle="--", linewidth=1.2))
         ax.set_xticks(range(cols), [str(c + 1) for c in range(cols)])
         ax.set_yticks(range(rows), [str(r + 1) for r in range(rows)])
         ax.set_xlabel("column")
@@ -282,12 +287,12 @@ def write_outputs(out: Path, rows: list[dict], cells: dict[str, np.ndarray], mas
                      + " |")
     (out / "pilot.md").write_text("\n".join(lines) + "\n")
     title = (f"ShapeGrid {info['data']['grid']}x{info['data']['grid']}, {info['data']['min_side']}-"
-             f"{info['data']['max_side']} px, {info['steps']} steps; red: cells an SBE slice boundary cuts")
+             f"{info['data']['max_side']} px, {info['steps']} steps; dashed red: cells an SBE slice boundary cuts")
     plot(cells, {r["encoder"]: r["accuracy"] for r in rows}, mask, title, out / "pilot.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per encoder")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per encoder")
     parser.add_argument("--out", default="docs/pilot", help="where the table and heatmaps go")
     parser.add_argument("--runs", default="runs/pilot", help="where the trained runs go")
     parser.add_argument("--data", default="data/pilot", help="where the generated shards go")
@@ -299,6 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=PilotData.train)
     parser.add_argument("--test-samples", type=int, default=PilotData.test)
     parser.add_argument("--question", choices=("position", "marked"), default=PilotData.question)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is steadier on a CPU shared with other jobs")
     parser.add_argument("--reuse", action="store_true", help="evaluate earlier runs of the same steps and data")
     parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
                         help="extra src/main.py fit argument (repeatable), e.g. --fit-arg=--trainer.enable_progress_bar"
@@ -306,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = PilotData(args.grid, args.min_side, args.max_side, args.train_samples, args.test_samples,
                      question=args.question)
     data = write_pilot_data(spec, Path(args.data))
@@ -316,14 +324,17 @@ def run(args: argparse.Namespace) -> int:
         model, train_s, run_dir = train(pilot_configs(name), name, data, Path(args.runs), args.steps, args.tokenizer,
                                         args.fit_arg, args.reuse, spec)
         eval_start = time.perf_counter()
-        metric, split, _ = evaluate(model, spec, name)
+        metric, split, records = evaluate(model, spec, name)
         values = metric.compute()
+        answers = Counter(r["prediction"].strip() for r in records)
         cells[name] = metric.cell_accuracy("shapegrid").numpy()
         rows.append({
             "encoder": name, "model": model.config.encoder, "projector": model.config.projector,
             "image_tokens": image_tokens(model, spec.min_side), "steps": args.steps, "train_s": round(train_s, 1),
             "eval_s": round(time.perf_counter() - eval_start, 1), "accuracy": float(values["accuracy"]),
-            **split, "questions": int(values["count"]), "run": str(run_dir),
+            **split, "questions": int(values["count"]), "distinct_answers": len(answers),
+            "top_answer": answers.most_common(1)[0][0], "top_answer_share": answers.most_common(1)[0][1] / len(records),
+            "run": str(run_dir),
         })
         print(f"pilot {name}: accuracy {rows[-1]['accuracy']:.3f} (cut {split['accuracy_cut']:.3f}, "
               f"uncut {split['accuracy_uncut']:.3f}), train {train_s:.0f} s", file=sys.stderr)
