@@ -35,6 +35,7 @@ import torch
 from llava_uhd.bench.pilot import (
     CONFIGS,
     PilotData,
+    add_shared_arguments,
     evaluate,
     image_tokens,
     input_size,
@@ -112,18 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per config")
     parser.add_argument("--out", default="docs/ablations")
     parser.add_argument("--runs", default="runs/ablations")
-    parser.add_argument("--data", default="data/pilot", help="the pilot's shards (generated if missing)")
-    parser.add_argument("--tokenizer", default="data/tiny/tokenizer")
-    parser.add_argument("--grid", type=int, default=PilotData.grid)
-    parser.add_argument("--min-side", type=int, default=PilotData.min_side)
-    parser.add_argument("--max-side", type=int, default=PilotData.max_side)
-    parser.add_argument("--train-samples", type=int, default=PilotData.train)
-    parser.add_argument("--test-samples", type=int, default=PilotData.test)
-    parser.add_argument("--question", choices=("position", "marked"), default=PilotData.question)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--reuse", action="store_true", help="evaluate earlier runs of the same steps and data")
-    parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
-                        help="extra src/main.py fit argument (repeatable)")
+    add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -291,13 +291,10 @@ def write_outputs(out: Path, rows: list[dict], cells: dict[str, np.ndarray], mas
     plot(cells, {r["encoder"]: r["accuracy"] for r in rows}, mask, title, out / "pilot.png")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=600, help="training steps per encoder")
-    parser.add_argument("--out", default="docs/pilot", help="where the table and heatmaps go")
-    parser.add_argument("--runs", default="runs/pilot", help="where the trained runs go")
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data, tokenizer and run options shared by ``bench pilot`` and ``bench ablate``."""
     parser.add_argument("--data", default="data/pilot", help="where the generated shards go")
     parser.add_argument("--tokenizer", default="data/tiny/tokenizer", help="tiny tokenizer dir (built if missing)")
-    parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
     parser.add_argument("--grid", type=int, default=PilotData.grid)
     parser.add_argument("--min-side", type=int, default=PilotData.min_side)
     parser.add_argument("--max-side", type=int, default=PilotData.max_side)
@@ -310,6 +307,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
                         help="extra src/main.py fit argument (repeatable), e.g. --fit-arg=--trainer.enable_progress_bar"
                              " --fit-arg=false")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=600, help="training steps per encoder")
+    parser.add_argument("--out", default="docs/pilot", help="where the table and heatmaps go")
+    parser.add_argument("--runs", default="runs/pilot", help="where the trained runs go")
+    parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
+    add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
