@@ -34,14 +34,13 @@ import torch
 
 from llava_uhd.bench.pilot import (
     CONFIGS,
-    PilotData,
     add_shared_arguments,
     evaluate,
     image_tokens,
     input_size,
     pilot_configs,
+    prepare,
     train,
-    write_pilot_data,
 )
 from llava_uhd.vision.report import encoder_flops
 
@@ -117,11 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = PilotData(args.grid, args.min_side, args.max_side, args.train_samples, args.test_samples,
-                     question=args.question)
-    data = write_pilot_data(spec, Path(args.data))
+    spec, data = prepare(args)
     names = [(s, n) for s in (SETS if args.ablation == "all" else [args.ablation]) for n in SETS[s]]
     rows, started = [], time.perf_counter()
     for set_name, name in names:

@@ -309,6 +309,15 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                              " --fit-arg=false")
 
 
+def prepare(args: argparse.Namespace) -> tuple[PilotData, Path]:
+    """Apply ``--threads`` and write (or reuse) the pilot shards the shared options describe."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = PilotData(args.grid, args.min_side, args.max_side, args.train_samples, args.test_samples,
+                     question=args.question)
+    return spec, write_pilot_data(spec, Path(args.data))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps per encoder")
     parser.add_argument("--out", default="docs/pilot", help="where the table and heatmaps go")
@@ -318,11 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = PilotData(args.grid, args.min_side, args.max_side, args.train_samples, args.test_samples,
-                     question=args.question)
-    data = write_pilot_data(spec, Path(args.data))
+    spec, data = prepare(args)
     mask = cut_mask(spec)
     rows, cells, started = [], {}, time.perf_counter()
     for name in args.encoders:
