@@ -58,10 +58,12 @@ def test_every_overlay_parses_on_a_stage(overlay, capsys):
 
 
 def test_command_line_overrides_reach_the_model(tiny_data, capsys):
-    args = [*tiny_args(tiny_data, "stage2.yaml"), "--model.wtc_pooling", "avg", "--model.wtc_layers", "[3]"]
+    args = [*tiny_args(tiny_data, "stage2.yaml"), "--model.wtc_pooling", "avg", "--model.wtc_layers", "[3]",
+            "--model.pos_embed_init", "random"]
     cli = main(args, run=False)  # no subcommand: parse and instantiate only
     encoder = cli.model.model.encoder
     assert list(encoder.wtc) == ["3"] and encoder.wtc["3"].pooling == "avg"
+    assert encoder.cfg.pos_embed_init == "random" and encoder.pos_embed.std() < 0.05
 
 
 @pytest.mark.slow
@@ -84,6 +86,7 @@ def test_each_stage_fits_on_the_tiny_overlay(tiny_data, stage, frozen):
     "override,key",
     [
         (["--model.wtc_pooling", "max"], "wtc_pooling"),
+        (["--model.pos_embed_init", "zeros"], "pos_embed_init"),
         (["--model.wtc_layers", "[2, 9]"], "model.wtc_layers"),
         (["--model.encoder_weights", "missing/siglip.safetensors"], "model.encoder_weights"),
         (["--data.train_shards", "missing/shards"], "data.train_shards"),

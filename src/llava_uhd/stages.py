@@ -112,6 +112,7 @@ class UHDModule(L.LightningModule):
         patch_size: int | None = None,
         wtc_layers: list[int] | None = None,
         wtc_pooling: Pooling | None = None,
+        pos_embed_init: Literal["random", "sincos"] | None = None,
         projector: Literal["mlp", "merger"] = "merger",
         llm: str | dict[str, Any] = "",
         tokenizer: str | None = None,
@@ -136,6 +137,7 @@ class UHDModule(L.LightningModule):
             patch_size: RPE patch size override.
             wtc_layers: 1-based blocks after which a 2x2 WTC runs (override).
             wtc_pooling: WTC pooling kind (override).
+            pos_embed_init: pos-embed initialisation of a from-scratch encoder (override; tiny models: ``sincos``).
             projector: ``mlp`` (16x total) or ``merger`` (64x total).
             llm: local causal-LM directory, or a config dict (random weights; tiny runs).
             tokenizer: tokenizer directory (default: the LLM's directory).
@@ -160,14 +162,16 @@ class UHDModule(L.LightningModule):
             if not Path(encoder_weights).is_file():
                 raise FileNotFoundError(f"model.encoder_weights: no weights file at {encoder_weights!r}")
             encoder_kwargs["pretrained_path"] = encoder_weights
-        for key, value in (("patch_size", patch_size), ("wtc_layers", wtc_layers), ("wtc_pooling", wtc_pooling)):
+        overrides = {"patch_size": patch_size, "wtc_layers": wtc_layers, "wtc_pooling": wtc_pooling,
+                     "pos_embed_init": pos_embed_init}
+        for key, value in overrides.items():
             if value is not None:
                 encoder_kwargs[key] = tuple(value) if key == "wtc_layers" else value
         try:
             self.model = build_llava_uhd(encoder, llm, tokenizer, projector, encoder_kwargs, llm_dtype, vision_markers)
         except ValueError as err:  # name the CLI key for encoder settings rejected by the config dataclass
             message = str(err)
-            for key in ("wtc_layers", "wtc_pooling", "patch_size"):
+            for key in overrides:
                 if message.startswith(key):
                     raise ValueError(f"model.{message}") from err
             raise

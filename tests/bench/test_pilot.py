@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.pilot import ENCODERS, PilotData, cut_mask, pilot_sample
+from llava_uhd.bench.pilot import ENCODERS, PilotData, chance, cut_mask, pilot_sample
 
 
 def tiny_args(tmp_path, *extra):
@@ -52,8 +52,27 @@ def test_sbe_slice_boundaries_cut_the_middle_row_and_column():
     assert not cut_mask(PilotData(grid=2, min_side=224, max_side=224)).any()
 
 
-def test_pilot_samples_are_deterministic_and_answer_the_colour():
+def test_where_samples_hold_one_shape_in_the_answered_cell():
     spec = PilotData(grid=3, min_side=224, max_side=224)
+    assert spec.question == "where"
+    seen = set()
+    for index in range(24):
+        image, question, answer, meta = pilot_sample(index, 0, spec)
+        assert answer == f"row {meta['row']}, column {meta['col']}" and question.endswith("<image>")
+        ink = np.asarray(image.convert("L")) < 200
+        rows, cols = np.nonzero(ink)
+        cell = 224 / 3
+        # all the ink lies in the answered cell (JPEG-free PIL image: no ringing)
+        assert ink.sum() > 100
+        assert rows.min() >= (meta["row"] - 1) * cell and rows.max() < meta["row"] * cell
+        assert cols.min() >= (meta["col"] - 1) * cell and cols.max() < meta["col"] * cell
+        seen.add((meta["row"], meta["col"]))
+    assert len(seen) >= 7  # places spread over the grid
+    assert chance(spec) == pytest.approx(1 / 9)
+
+
+def test_position_samples_are_deterministic_and_answer_the_colour():
+    spec = PilotData(grid=3, min_side=224, max_side=224, question="position")
     image, question, answer, meta = pilot_sample(3, 0, spec)
     again = pilot_sample(3, 0, spec)
     assert np.array_equal(np.asarray(image), np.asarray(again[0])) and (question, answer) == again[1:3]
@@ -72,3 +91,5 @@ def test_marked_samples_frame_the_asked_cell():
         cell = 224 / 3
         y, x = int((meta["row"] - 1 + 0.05) * cell) + 1, int((meta["col"] - 0.5) * cell)
         assert pixels[y, x] < 80
+    with pytest.raises(ValueError, match="question"):
+        pilot_sample(0, 0, PilotData(question="count"))

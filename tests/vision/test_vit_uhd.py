@@ -209,3 +209,22 @@ def test_config_dataclass_derives_reduction():
     cfg = ViTUHDConfig(patch_size=8, wtc_layers=(1, 2, 3), depth=4, embed_dim=32, num_heads=2)
     assert cfg.reduction == 64
     assert "reduction" not in cfg.to_dict()
+
+
+def test_from_scratch_pos_embed_starts_as_unit_scale_sincos_for_tiny_models():
+    tiny = timm.create_model("vit_gne_tiny_patch14_siglip")
+    assert tiny.cfg.pos_embed_init == "sincos"
+    pos = tiny.pos_embed[0].detach().reshape(16, 16, -1)
+    # unit-scale, not timm's std-0.02 noise that the patch features drown out
+    assert pos.std() > 0.3
+    # smooth in both directions: a neighbour is more alike than a far cell, along rows and along columns
+    sim = torch.nn.functional.cosine_similarity
+    assert sim(pos[5, 5], pos[5, 6], dim=0) > sim(pos[5, 5], pos[5, 15], dim=0) + 0.1
+    assert sim(pos[5, 5], pos[6, 5], dim=0) > sim(pos[5, 5], pos[15, 5], dim=0) + 0.1
+    assert tiny.pos_embed.requires_grad  # still learned
+    random = timm.create_model("vit_gne_tiny_patch14_siglip", pos_embed_init="random")
+    assert random.pos_embed.std() < 0.05
+    # full-size models keep timm's init (their pos-embed comes from pretrained weights)
+    assert timm.create_model("vit_uhd_so400m_patch10_siglip", device="meta").cfg.pos_embed_init == "random"
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        timm.create_model("vit_uhd_tiny_patch10_siglip", pos_embed_init="zeros")

@@ -35,6 +35,7 @@ import torch
 from llava_uhd.bench.pilot import (
     CONFIGS,
     add_shared_arguments,
+    chance,
     evaluate,
     image_tokens,
     input_size,
@@ -104,7 +105,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
                      + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, f"PVC ablations ({stem.removeprefix('ablate_')}), ShapeGrid {info['data']['grid']}x"
-               f"{info['data']['grid']} colour, {info['steps']} steps", out / f"{stem}.png")
+               f"{info['data']['grid']} '{info['data']['question']}', {info['steps']} steps", out / f"{stem}.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ablate {name}: accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['encoder_gflops']:.3f} GFLOPs, "
               f"train {train_s:.0f} s", file=sys.stderr)
     info = {"command": "python -m llava_uhd.bench ablate " + " ".join(sys.argv[2:]), "steps": args.steps,
-            "data": asdict(spec), "chance": 1 / 8, "total_s": round(time.perf_counter() - started, 1),
+            "data": asdict(spec), "chance": chance(spec), "total_s": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
     write_outputs(Path(args.out), f"ablate_{args.ablation}", rows, info)
     print((Path(args.out) / f"ablate_{args.ablation}.md").read_text())

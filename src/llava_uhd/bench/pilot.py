@@ -10,12 +10,13 @@ The paper reports a *cross-shaped bias* for slice-based encoding: cells that a s
 are answered worse. To make that measurable here the pilot data is a fixed layout (:func:`pilot_sample`):
 224 px squares, which the tiny SBE cuts into a 2x2 grid of 112 px slices (plus its thumbnail), and an odd
 grid (3x3 by default), so the one horizontal and one vertical slice boundary run through the shapes of the
-middle row and column: 5 of the 9 cells are "cut", the 4 corners are not. Every cell holds a shape; the
-question names a cell ("What colour is the shape at row 2, column 3?") and the answer is its colour only
-(one word of 8, exact match): the 2-layer, width-64 LLM cannot be expected to learn the full "colour
-shape" answer in minutes of CPU. The question comes before the image in the prompt, so that the image
-tokens can attend to it in the causal LLM. ``--question marked`` instead frames the asked cell in black
-and asks for the colour in the frame (7 colours).
+middle row and column: 5 of the 9 cells are "cut", the 4 corners are not. The default question is spatial
+perception: one shape sits in a random cell and the model answers where ("row 2, column 3", exact match).
+``--question position`` (every cell filled, "What colour is the shape at row 2, column 3?") and ``--question
+marked`` (the asked cell framed) ask for a colour instead; at CPU scale the tiny models do not learn to
+ground those in the image within thousands of steps (docs/pilot). The question comes before the image in
+the prompt, so that the image tokens can attend to it in the causal LLM. The tiny ViTs start from a
+sine-cosine pos-embed (``pos_embed_init``): with timm's random 0.02 one no arm learned where anything was.
 
 Outputs in ``--out``: ``pilot.csv`` (one row per encoder: tokens, steps, train time, accuracy, accuracy on
 cells cut by an SBE slice boundary vs the others), ``pilot_cells.csv`` (every cell), ``pilot.json``,
@@ -57,6 +58,8 @@ boundary crosses the shape itself, not only the empty margin."""
 PIXEL_BUDGET = {"min_pixels": 4096, "max_pixels": 65536, "max_side": 512}
 """The data module's pixel budget in ``configs/tiny.yaml`` / ``configs/pilot/*.yaml``: evaluation resizes the
 held-out images exactly as training did (a saved model's own policy keeps the full-size 512^2 minimum)."""
+EVAL_TOKENS = 12
+"""Generation cap in evaluation: "row 2, column 3" and a colour both fit, a run-on answer is cut and scored wrong."""
 SBE_SLICES = SliceGridPolicy(slice_size=112, max_slices=6)
 """The tiny SBE's slice policy (``vit_sbe_tiny_patch14_siglip``), used to mark the cells slices cut."""
 
@@ -72,42 +75,65 @@ class PilotData:
     test: int = 360
     seed: int = 0
     quality: int = 90
-    question: str = "position"
-    """``position`` (row / column named in the question) or ``marked`` (the asked cell is framed in the image)."""
+    question: str = "where"
+    """``where`` (one shape; answer its row and column), ``position`` (row / column named in the question, answer
+    the colour) or ``marked`` (the asked cell is framed in the image, answer the colour); see :func:`pilot_sample`."""
     question_first: bool = True
     """Put the question before the image in the prompt, so that image tokens can attend to it (causal LLM)."""
 
 
-def pilot_sample(index: int, seed: int, spec: PilotData):
-    """(PIL image, prompt, answer, meta): every cell filled, one cell asked, the answer is its colour.
+QUESTIONS = ("where", "position", "marked")
+WHERE_QUESTION = "Where is the shape? Answer with its row and column."
 
-    ``position`` questions name the cell ("row 2, column 3"); ``marked`` questions ask for the shape in the one
-    black frame (no black shapes then), so the model has to find the cell in the image instead of mapping
-    row/column words to positions. The prompt holds ``<image>``, after the question when ``question_first``.
+
+def pilot_sample(index: int, seed: int, spec: PilotData):
+    """(PIL image, prompt, answer, meta) for one cell of the ``grid x grid`` layout.
+
+    ``where``: one shape (random colour and kind) in a random cell, the answer is its place, "row 2, column 3":
+    spatial perception, where a slice boundary through the shape splits it between slices. ``position``: every
+    cell filled, the question names a cell and the answer is that shape's colour. ``marked``: every cell filled,
+    the asked cell framed in black (no black shapes then), the answer is the colour in the frame. The prompt
+    holds ``<image>``, after the question when ``question_first``.
     """
+    if spec.question not in QUESTIONS:
+        raise ValueError(f"question: unknown {spec.question!r}; choose one of {QUESTIONS}")
     rng = np.random.default_rng([seed, 7919, index])
     side = int(rng.integers(spec.min_side, spec.max_side + 1))
     image = Image.new("RGB", (side, side), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    colours = [c for c in COLOURS if spec.question == "position" or c != "black"]
+    colours = [c for c in COLOURS if spec.question != "marked" or c != "black"]
     grid, cells = spec.grid, {}
-    for r in range(grid):
-        for c in range(grid):
-            colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
-            cells[(r, c)] = (colour, shape)
-            _draw_shape(draw, shape, _cells(side, side, grid, grid, r, c, SHAPE_PAD), COLOURS[colour])
-    r, c = int(rng.integers(grid)), int(rng.integers(grid))
-    if spec.question == "marked":
-        draw.rectangle(_cells(side, side, grid, grid, r, c, 0.05), outline=COLOURS["black"], width=max(2, side // 60))
-        question = "What colour is the shape in the black frame?"
+    filled = [(r, c) for r in range(grid) for c in range(grid)]
+    if spec.question == "where":
+        filled = [filled[rng.integers(len(filled))]]
+    for r, c in filled:
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        cells[(r, c)] = (colour, shape)
+        _draw_shape(draw, shape, _cells(side, side, grid, grid, r, c, SHAPE_PAD), COLOURS[colour])
+    if spec.question == "where":
+        (r, c), (colour, shape) = next(iter(cells.items()))
+        question, answer = WHERE_QUESTION, f"row {r + 1}, column {c + 1}"
     else:
-        question = f"What colour is the shape at row {r + 1}, column {c + 1}?"
+        r, c = int(rng.integers(grid)), int(rng.integers(grid))
+        answer = cells[(r, c)][0]
+        if spec.question == "marked":
+            draw.rectangle(_cells(side, side, grid, grid, r, c, 0.05), outline=COLOURS["black"],
+                           width=max(2, side // 60))
+            question = "What colour is the shape in the black frame?"
+        else:
+            question = f"What colour is the shape at row {r + 1}, column {c + 1}?"
     question = f"{question}\n<image>" if spec.question_first else f"<image>\n{question}"
-    answer = cells[(r, c)][0]
-    meta = {"task": "shapegrid", "kind": f"{spec.question}_colour", "rows": grid, "cols": grid, "row": r + 1,
-            "col": c + 1, "height": side, "width": side, "shape": cells[(r, c)][1], "question": question,
-            "answer": answer}
+    meta = {"task": "shapegrid", "kind": spec.question, "rows": grid, "cols": grid, "row": r + 1, "col": c + 1,
+            "height": side, "width": side, "colour": cells[(r, c)][0], "shape": cells[(r, c)][1],
+            "question": question, "answer": answer}
     return image, question, answer, meta
+
+
+def chance(spec: PilotData) -> float:
+    """Accuracy of guessing: one of grid^2 places, one of 8 colours, or one of 7 (no black shapes when marked)."""
+    if spec.question == "where":
+        return 1 / spec.grid**2
+    return 1 / (len(COLOURS) - (spec.question == "marked"))
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:
@@ -219,7 +245,7 @@ def evaluate(model, spec: PilotData, name: str) -> tuple[VQAMetrics, dict[str, f
     for i in tqdm(range(spec.test), desc=f"pilot eval {name}", leave=False):
         image, question, answer, meta = pilot_sample(i, spec.seed + 1, spec)
         image = Image.open(io.BytesIO(_jpeg(image, spec.quality))).convert("RGB")  # what the shards hold
-        prediction = model.generate(preprocess(image, policy), question, max_new_tokens=4).text
+        prediction = model.generate(preprocess(image, policy), question, max_new_tokens=EVAL_TOKENS).text
         metric.update([prediction], [meta])
         cut = cut_by_slices(meta)
         hits[cut].append(exact_match(prediction, answer))
@@ -300,7 +326,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side", type=int, default=PilotData.max_side)
     parser.add_argument("--train-samples", type=int, default=PilotData.train)
     parser.add_argument("--test-samples", type=int, default=PilotData.test)
-    parser.add_argument("--question", choices=("position", "marked"), default=PilotData.question)
+    parser.add_argument("--question", choices=QUESTIONS, default=PilotData.question)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is steadier on a CPU shared with other jobs")
     parser.add_argument("--reuse", action="store_true", help="evaluate earlier runs of the same steps and data")
@@ -349,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pilot {name}: accuracy {rows[-1]['accuracy']:.3f} (cut {split['accuracy_cut']:.3f}, "
               f"uncut {split['accuracy_uncut']:.3f}), train {train_s:.0f} s", file=sys.stderr)
     info = {"command": "python -m llava_uhd.bench pilot " + " ".join(sys.argv[2:]), "steps": args.steps,
-            "data": asdict(spec), "chance": 1 / (len(COLOURS) - (spec.question == "marked")),
+            "data": asdict(spec), "chance": chance(spec),
             "total_s": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
     write_outputs(Path(args.out), rows, cells, mask, info)

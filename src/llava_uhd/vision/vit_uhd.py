@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -30,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .pvc import POOLING_KINDS, WindowedTokenCompression, window_major_order
 from .resize import SIGLIP_MEAN, SIGLIP_STD
+
+POS_EMBED_INITS = ("random", "sincos")
 
 
 @dataclass
@@ -52,6 +55,10 @@ class ViTUHDConfig:
     """Patch size after Refined Patch Embedding; equal to ``base_patch_size`` disables RPE."""
     pos_embed_grid: int = 27
     """Side of the learned absolute pos-embed grid (378 / 14 for SigLIP-SO400M/14 @378)."""
+    pos_embed_init: str = "random"
+    """Initial pos-embed when no weights are loaded: ``random`` (timm's, std 0.02) or ``sincos`` (2-D sine-cosine
+    at unit scale, MAE-style; still learned). From scratch a random 0.02 pos-embed is drowned by the patch
+    features and a small model is slow to learn where things are; the tiny models start from ``sincos``."""
     wtc_layers: tuple[int, ...] = (4, 18)
     """1-based block indices after which a 2x2 WTC runs."""
     wtc_pooling: str = "content_adaptive"
@@ -80,6 +87,10 @@ class ViTUHDConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.patch_size <= 0 or self.base_patch_size <= 0:
             raise ValueError("patch sizes must be positive")
+        if self.pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f"pos_embed_init: unknown {self.pos_embed_init!r}; choose one of {POS_EMBED_INITS}")
+        if self.pos_embed_init == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"pos_embed_init: sincos needs embed_dim divisible by 4, got {self.embed_dim}")
         self.reduction = self.patch_size * 2 ** len(self.wtc_layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +182,11 @@ class ViTUHD(VisionTransformer):
             attn_layer=PackedAttention,
         )
         self.cfg = cfg
+        if cfg.pos_embed_init == "sincos":
+            grid = [cfg.pos_embed_grid, cfg.pos_embed_grid]
+            with torch.no_grad():
+                sincos = build_sincos2d_pos_embed(grid, cfg.embed_dim, device=self.pos_embed.device)
+                self.pos_embed.copy_(sincos.to(self.pos_embed.dtype).unsqueeze(0))
         self.wtc = nn.ModuleDict(
             {str(i): WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for i in cfg.wtc_layers}
         )
@@ -311,7 +327,8 @@ class ViTUHD(VisionTransformer):
 
 # -- timm registry ----------------------------------------------------------------------------------------------
 SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, pos_embed_grid=27, base_patch_size=14)
-TINY = dict(embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.0, pos_embed_grid=16, base_patch_size=14)
+TINY = dict(embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.0, pos_embed_grid=16, base_patch_size=14,
+            pos_embed_init="sincos")
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes", "global_pool")
 
 
