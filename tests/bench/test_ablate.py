@@ -32,9 +32,11 @@ def test_ablate_pooling_writes_one_row_per_config(tmp_path):
     assert main(args) == 0
     for suffix in ("csv", "json", "md", "png"):
         assert (out / f"ablate_pooling.{suffix}").is_file(), suffix
+    assert (out / "ablate_pooling_loss.png").is_file()
     with open(out / "ablate_pooling.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["config"] for r in rows] == list(SETS["pooling"])
     assert [r["pooling"] for r in rows] == ["avg", "content_adaptive", "pixel_unshuffle"]
     assert all(float(r["encoder_gflops"]) > 0 and int(r["image_tokens"]) > 0 for r in rows)
+    assert all(r["learned_at_step"] == "" for r in rows)  # 2 steps: nothing learned (and no loss logged)
     assert len(json.loads((out / "ablate_pooling.json").read_text())["results"]) == 3

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.pilot import ENCODERS, PilotData, chance, cut_mask, pilot_sample
+from llava_uhd.bench.pilot import ENCODERS, PilotData, chance, cut_mask, learned_at, loss_curve, pilot_sample
 
 
 def tiny_args(tmp_path, *extra):
@@ -22,7 +22,7 @@ def tiny_args(tmp_path, *extra):
 def test_pilot_writes_one_row_and_one_heatmap_per_encoder(tmp_path):
     assert main(tiny_args(tmp_path)) == 0
     out = tmp_path / "out"
-    for name in ("pilot.csv", "pilot_cells.csv", "pilot.json", "pilot.md", "pilot.png"):
+    for name in ("pilot.csv", "pilot_cells.csv", "pilot.json", "pilot.md", "pilot.png", "pilot_loss.png"):
         assert (out / name).is_file(), name
     with open(out / "pilot.csv") as f:
         rows = list(csv.DictReader(f))
@@ -93,3 +93,19 @@ def test_marked_samples_frame_the_asked_cell():
         assert pixels[y, x] < 80
     with pytest.raises(ValueError, match="question"):
         pilot_sample(0, 0, PilotData(question="count"))
+
+
+def test_learned_at_reads_the_logged_loss_and_needs_a_steady_drop(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    losses = [3.0, 0.4, 0.37, 0.02, 0.3, 0.04, 0.01, 0.008, 0.005, 0.004]  # a dip at step 30, steady from 50
+    with SummaryWriter(str(tmp_path)) as writer:
+        for i, value in enumerate(losses):
+            writer.add_scalar("train/loss", value, i * 10)
+            writer.add_scalar("train/lm_loss", 9.0, i * 10)
+    curve = loss_curve(tmp_path)
+    assert [step for step, _ in curve] == [i * 10 for i in range(len(losses))]
+    assert [v for _, v in curve] == pytest.approx(losses)
+    assert learned_at(curve) == 50
+    assert learned_at(curve, threshold=0.001) is None
+    assert loss_curve(tmp_path / "empty") == []

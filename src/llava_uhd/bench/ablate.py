@@ -14,9 +14,10 @@ Sets (tiny ViT: 6 blocks; the paper's SO400M has 27 with WTC after blocks 4 and 
   4.0 of 6 blocks, i.e. one early and one two-thirds-deep WTC), ``wtc_late`` [5, 6].
 - ``patch``: RPE patch ``patch14``, ``patch12``, ``patch10`` (the paper's), ``patch8``.
 
-Outputs in ``--out``: ``ablate_<set>.csv`` (one row per config), ``.json``, ``.md`` and ``.png`` (accuracy vs
-encoder GFLOPs). The paper's defaults appear once per set (``pooling_content_adaptive`` = ``wtc_paper`` =
-``patch10``): each set trains its own run so that a set stands alone.
+Outputs in ``--out``: ``ablate_<set>.csv`` (one row per config), ``.json``, ``.md``, ``.png`` (accuracy vs
+encoder GFLOPs) and ``_loss.png`` (training loss per config; ``learned_at_step`` as in the pilot). The
+paper's defaults appear once per set (``pooling_content_adaptive`` = ``wtc_paper`` = ``patch10``): each set
+trains its own run so that a set stands alone.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from llava_uhd.bench.pilot import (
     evaluate,
     image_tokens,
     input_size,
+    learned_at,
+    loss_curve,
     pilot_configs,
+    plot_losses,
     prepare,
     train,
 )
@@ -98,7 +102,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
         writer.writerows(rows)
     (out / f"{stem}.json").write_text(json.dumps({**info, "results": rows}, indent=1))
     keys = ["set", "config", "pooling", "wtc_layers", "patch", "input", "image_tokens", "encoder_gflops", "train_s",
-            "accuracy"]
+            "learned_at_step", "accuracy"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys)
@@ -119,14 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec, data = prepare(args)
     names = [(s, n) for s in (SETS if args.ablation == "all" else [args.ablation]) for n in SETS[s]]
-    rows, started = [], time.perf_counter()
+    rows, curves, started = [], {}, time.perf_counter()
     for set_name, name in names:
         model, train_s, run_dir = train(ablation_configs(name), name, data, Path(args.runs), args.steps,
                                         args.tokenizer, args.fit_arg, args.reuse, spec)
         metric, split, _ = evaluate(model, spec, name)
         values = metric.compute()
+        curves[name] = loss_curve(run_dir)
         rows.append({"set": set_name, "config": name, **cost(model, spec.min_side), "steps": args.steps,
-                     "train_s": round(train_s, 1), "accuracy": float(values["accuracy"]),
+                     "train_s": round(train_s, 1), "learned_at_step": learned_at(curves[name]),
+                     "accuracy": float(values["accuracy"]),
                      "questions": int(values["count"]), "run": str(run_dir)})
         print(f"ablate {name}: accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['encoder_gflops']:.3f} GFLOPs, "
               f"train {train_s:.0f} s", file=sys.stderr)
@@ -134,5 +140,7 @@ def run(args: argparse.Namespace) -> int:
             "data": asdict(spec), "chance": chance(spec), "total_s": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
     write_outputs(Path(args.out), f"ablate_{args.ablation}", rows, info)
+    plot_losses(curves, {}, f"PVC ablations ({args.ablation}): training loss, ShapeGrid {spec.grid}x{spec.grid} "
+                f"'{spec.question}'", Path(args.out) / f"ablate_{args.ablation}_loss.png")
     print((Path(args.out) / f"ablate_{args.ablation}.md").read_text())
     return 0
