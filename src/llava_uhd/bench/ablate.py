@@ -42,6 +42,7 @@ from llava_uhd.bench.pilot import (
     input_size,
     learned_at,
     loss_curve,
+    markdown_cell,
     pilot_configs,
     plot_losses,
     prepare,
@@ -105,7 +106,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
             "learned_at_step", "accuracy"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys)
+        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys)
                      + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, f"PVC ablations ({stem.removeprefix('ablate_')}), ShapeGrid {info['data']['grid']}x"

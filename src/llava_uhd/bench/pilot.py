@@ -338,6 +338,13 @@ def plot(cells: dict[str, np.ndarray], accuracy: dict[str, float], mask: np.ndar
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def markdown_cell(value) -> str:
+    """A table cell: floats to 3 decimals, a step never reached as "not reached"."""
+    if value is None:
+        return "not reached"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def write_outputs(out: Path, rows: list[dict], cells: dict[str, np.ndarray], mask: np.ndarray, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "pilot.csv", "w", newline="") as f:
@@ -356,7 +363,7 @@ def write_outputs(out: Path, rows: list[dict], cells: dict[str, np.ndarray], mas
             "accuracy_uncut"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys)
+        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys)
                      + " |")
     (out / "pilot.md").write_text("\n".join(lines) + "\n")
     title = (f"ShapeGrid {info['data']['grid']}x{info['data']['grid']}, {info['data']['min_side']}-"
