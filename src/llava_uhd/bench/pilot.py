@@ -14,9 +14,9 @@ middle row and column: 5 of the 9 cells are "cut", the 4 corners are not. The de
 perception: one shape sits in a random cell and the model answers where ("row 2, column 3", exact match).
 ``--question position`` (every cell filled, "What colour is the shape at row 2, column 3?") and ``--question
 marked`` (the asked cell framed) ask for a colour instead; at CPU scale the tiny models do not learn to
-ground those in the image within thousands of steps (docs/pilot). The question comes before the image in
+ground those in the image within a thousand or two steps (docs/pilot). The question comes before the image in
 the prompt, so that the image tokens can attend to it in the causal LLM. The tiny ViTs start from a
-sine-cosine pos-embed (``pos_embed_init``): with timm's random 0.02 one no arm learned where anything was.
+sine-cosine pos-embed (``pos_embed_init``; ``--fit-arg=--model.pos_embed_init=random`` for timm's start).
 
 Outputs in ``--out``: ``pilot.csv`` (one row per encoder: tokens, steps, train time, accuracy, accuracy on
 cells cut by an SBE slice boundary vs the others), ``pilot_cells.csv`` (every cell), ``pilot.json``,
