@@ -106,8 +106,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
             "learned_at_step", "accuracy"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys)
-                     + " |")
+        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys) + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, f"PVC ablations ({stem.removeprefix('ablate_')}), ShapeGrid {info['data']['grid']}x"
                f"{info['data']['grid']} '{info['data']['question']}', {info['steps']} steps", out / f"{stem}.png")

@@ -20,9 +20,10 @@ sine-cosine pos-embed (``pos_embed_init``; ``--fit-arg=--model.pos_embed_init=ra
 
 Outputs in ``--out``: ``pilot.csv`` (one row per encoder: tokens, steps, train time, accuracy, accuracy on
 cells cut by an SBE slice boundary vs the others), ``pilot_cells.csv`` (every cell), ``pilot.json``,
-``pilot.md``, ``pilot.png`` (the three heatmaps side by side) and ``pilot_loss.png`` (training loss per encoder;
-``learned_at_step`` is the first step from which the logged loss stays under 0.05). Trained runs are kept in ``--runs``;
-``--reuse`` evaluates a run trained earlier with the same steps and data instead of training again.
+``pilot.md``, ``pilot.png`` (the three heatmaps side by side) and ``pilot_loss.png`` (training loss per
+encoder; ``learned_at_step`` is the first step from which three logged losses in a row stay under 0.05).
+Trained runs are kept in ``--runs``; ``--reuse`` evaluates a run trained earlier with the same steps and
+data instead of training again.
 """
 
 from __future__ import annotations
@@ -363,8 +364,7 @@ def write_outputs(out: Path, rows: list[dict], cells: dict[str, np.ndarray], mas
             "accuracy_uncut"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys)
-                     + " |")
+        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys) + " |")
     (out / "pilot.md").write_text("\n".join(lines) + "\n")
     title = (f"ShapeGrid {info['data']['grid']}x{info['data']['grid']}, {info['data']['min_side']}-"
              f"{info['data']['max_side']} px, {info['steps']} steps; dashed red: cells an SBE slice boundary cuts")
