@@ -39,4 +39,6 @@ def test_ablate_pooling_writes_one_row_per_config(tmp_path):
     assert [r["pooling"] for r in rows] == ["avg", "content_adaptive", "pixel_unshuffle"]
     assert all(float(r["encoder_gflops"]) > 0 and int(r["image_tokens"]) > 0 for r in rows)
     assert all(r["learned_at_step"] == "" for r in rows)  # 2 steps: nothing learned (and no loss logged)
-    assert len(json.loads((out / "ablate_pooling.json").read_text())["results"]) == 3
+    info = json.loads((out / "ablate_pooling.json").read_text())
+    assert len(info["results"]) == 3
+    assert info["chance"] == 1 / 4  # "where" on a 2x2 grid

@@ -72,7 +72,7 @@ def cost(model, side: int) -> dict:
             "input": f"{height}x{width}", "image_tokens": image_tokens(model, side), "encoder_gflops": flops / 1e9}
 
 
-def plot(rows: list[dict], title: str, path: Path) -> None:
+def plot(rows: list[dict], title: str, path: Path, chance: float) -> None:
     """Accuracy vs encoder GFLOPs, one colour per set, each point named."""
     from matplotlib.figure import Figure
 
@@ -85,10 +85,10 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         for r in points:
             ax.annotate(r["config"], (r["encoder_gflops"], r["accuracy"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-    ax.axhline(1 / 8, color="grey", linestyle=":", linewidth=1, label="chance (1/8)")
+    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3f})")
     ax.set_xlabel("encoder GFLOPs per image (meta device)")
     ax.set_ylabel("held-out exact-match accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)  # room for the labels of points at 1.0
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
@@ -109,7 +109,8 @@ def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
         lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys) + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, f"PVC ablations ({stem.removeprefix('ablate_')}), ShapeGrid {info['data']['grid']}x"
-               f"{info['data']['grid']} '{info['data']['question']}', {info['steps']} steps", out / f"{stem}.png")
+               f"{info['data']['grid']} '{info['data']['question']}', {info['steps']} steps", out / f"{stem}.png",
+         info["chance"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
