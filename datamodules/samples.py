@@ -23,12 +23,21 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from llava_uhd.conversation import IMAGE_PLACEHOLDER, ConversationError, normalize_turns, tokenize_conversation
+from llava_uhd.conversation import (
+    DEFAULT_SYSTEM,
+    IMAGE_PLACEHOLDER,
+    ConversationError,
+    normalize_turns,
+    tokenize_conversation,
+    training_dialogue,
+)
 from llava_uhd.vision.resize import ResolutionPolicy, preprocess
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default limit
+MAX_ASPECT_RATIO = 50.0
 _IMAGE_MEMBER = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp)$")
 
 SKIP_REASONS = {
@@ -50,9 +59,12 @@ SKIP_REASONS = {
 
 
 class SampleError(Exception):
+    """A sample that is skipped; ``reason`` is a key of :data:`SKIP_REASONS`, ``detail`` says what was wrong."""
+
     def __init__(self, reason: str, detail: str = "") -> None:
+        detail = detail.removeprefix(f"{reason}: ")
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 class SkipCounter:
@@ -140,12 +152,67 @@ def open_image(data: bytes, max_image_pixels: int, max_aspect_ratio: float) -> I
     return image
 
 
+def _full_decode(image: Image.Image) -> Image.Image:
+    image.load()
+    return image
+
+
+@dataclass
+class CheckedSample:
+    """What :func:`check_sample` found valid: the dialogue to train on, meta, and each image's original
+    (h, w) and decoded form (a loaded PIL image, or whatever ``decode`` made of it)."""
+
+    system: str | None
+    dialogue: list[dict]
+    meta: dict
+    orig_sizes: list[tuple[int, int]]
+    images: list
+
+
+def check_sample(
+    raw: dict,
+    caption_prompt: str = "Describe the image briefly.",
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    decode: Callable[[Image.Image], object] | None = None,
+    system: str | None = DEFAULT_SYSTEM,
+) -> CheckedSample:
+    """The one validation path for a raw sample (``{"__key__", "jpg"/"0.png"/..., "json" or "txt"}``), used by
+    the converter before it writes a sample and by the loader's :class:`SampleDecoder`: conversation rules
+    (roles, order, placeholders vs images), header limits (pixels, aspect ratio) and a full decode of every
+    image's data. ``decode`` (default ``Image.load``) turns each checked image into what the caller needs; any
+    error it raises is a ``corrupt_image``. Raises :class:`SampleError` with the reason; only the token
+    length (``too_long``), which needs the tokenizer, is checked later."""
+    turns, meta, declared = _conversation(raw, caption_prompt)
+    blobs = image_members(raw)
+    try:
+        turns = normalize_turns(turns)
+        expected = declared if declared is not None else sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+        if expected > len(blobs):
+            raise SampleError("missing_image", f"{expected} images expected, {len(blobs)} found")
+        system, dialogue = training_dialogue(turns, len(blobs), system)
+    except ConversationError as exn:
+        raise SampleError(exn.reason, str(exn)) from exn
+    decode = decode or _full_decode
+    orig_sizes, images = [], []
+    for blob in blobs:
+        if not isinstance(blob, bytes | bytearray):
+            raise SampleError("corrupt_image", f"image member of type {type(blob).__name__}")
+        image = open_image(blob, max_image_pixels, max_aspect_ratio)
+        orig_sizes.append((image.height, image.width))
+        try:
+            images.append(decode(image))
+        except Exception as exn:  # truncated / corrupt data surfaces only when pixels are decoded
+            raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
+    return CheckedSample(system, dialogue, meta, orig_sizes, images)
+
+
 def _conversation(sample: dict, caption_prompt: str) -> tuple[list[dict], dict, int | None]:
     """Turns, meta and the declared number of images (None when the json does not say)."""
     if "json" in sample:
         try:
             record = json.loads(sample["json"])
-        except (UnicodeDecodeError, ValueError) as exn:
+        except (UnicodeDecodeError, ValueError, TypeError) as exn:
             raise SampleError("bad_json", str(exn)) from exn
         if isinstance(record, list):
             record = {"conversations": record}
@@ -161,8 +228,8 @@ def _conversation(sample: dict, caption_prompt: str) -> tuple[list[dict], dict, 
     if "txt" in sample:
         try:
             caption = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as exn:
-            raise SampleError("bad_json", f"txt is not UTF-8: {exn}") from exn
+        except (UnicodeDecodeError, AttributeError) as exn:
+            raise SampleError("bad_json", f"txt is not UTF-8 text: {exn}") from exn
         turns = [{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": caption}]
         return turns, {"task": "caption", "question": caption_prompt, "answer": caption}, None
     raise SampleError("no_text")
@@ -170,7 +237,10 @@ def _conversation(sample: dict, caption_prompt: str) -> tuple[list[dict], dict, 
 
 @dataclass
 class SampleDecoder:
-    """Callable turning a raw webdataset sample into a :class:`Sample`; raises :class:`SampleError`."""
+    """Callable turning a raw webdataset sample into a :class:`Sample`; raises :class:`SampleError`.
+
+    Validation is :func:`check_sample` (the converter's check), decoding each image straight to the
+    policy's size (``preprocess``), then tokenisation."""
 
     tokenizer: object
     policy: ResolutionPolicy
@@ -178,39 +248,27 @@ class SampleDecoder:
     max_length: int = 4096
     caption_prompt: str = "Describe the image briefly."
     vision_markers: bool = False
-    max_image_pixels: int = 178_956_970  # PIL's own default limit
-    max_aspect_ratio: float = 50.0
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+
+    def _decode(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, self.policy, normalized=False)
 
     def __call__(self, raw: dict) -> Sample:
-        turns, meta, declared = _conversation(raw, self.caption_prompt)
-        try:
-            turns = normalize_turns(turns)
-        except ConversationError as exn:
-            raise SampleError(exn.reason, str(exn)) from exn
-        blobs = image_members(raw)
-        placeholders = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
-        expected = declared if declared is not None else placeholders
-        if expected > len(blobs):
-            raise SampleError("missing_image", f"{expected} images expected, {len(blobs)} found")
-        pixel_values, orig_sizes = [], []
-        for blob in blobs:
-            image = open_image(blob, self.max_image_pixels, self.max_aspect_ratio)
-            orig_sizes.append((image.height, image.width))
-            try:
-                pixel_values.append(preprocess(image, self.policy, normalized=False))
-            except Exception as exn:  # truncated / corrupt data surfaces only when pixels are decoded
-                raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
+        checked = check_sample(raw, self.caption_prompt, self.max_image_pixels, self.max_aspect_ratio, self._decode)
+        pixel_values = checked.images
         counts = [self.image_token_fn(*p.shape[-2:]) for p in pixel_values]
+        system_turn = [{"role": "system", "content": checked.system}] if checked.system is not None else []
         try:
-            tokens = tokenize_conversation(turns, self.tokenizer, counts, self.max_length,
+            tokens = tokenize_conversation(system_turn + checked.dialogue, self.tokenizer, counts, self.max_length,
                                            vision_markers=self.vision_markers)
         except ConversationError as exn:
             raise SampleError(exn.reason, str(exn)) from exn
-        dialogue = [t for t in turns if t["role"] != "system"]
+        meta, dialogue = checked.meta, checked.dialogue
         meta.setdefault("question", dialogue[0]["content"].replace(IMAGE_PLACEHOLDER, "").strip())
         if len(dialogue) > 1:
             meta.setdefault("answer", dialogue[1]["content"])
-        return Sample(raw["__key__"], pixel_values, orig_sizes, tokens.input_ids, tokens.labels, meta)
+        return Sample(raw["__key__"], pixel_values, checked.orig_sizes, tokens.input_ids, tokens.labels, meta)
 
 
 def decode_stream(samples, decoder: SampleDecoder, skips: SkipCounter):

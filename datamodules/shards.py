@@ -12,18 +12,28 @@ which is how every rank is given the same number of batches (see ``datamodules.d
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
 import posixpath
 import random
+import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import webdataset as wds
 
+from llava_uhd.errors import SettingsError
+
 INDEX_NAME = "index.json"
+SKIPPED_NAME = "skipped.jsonl"
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+SYNTHETIC_PREFIX = "synthetic:"
 
 
 class ShardSetWriter:
@@ -36,6 +46,7 @@ class ShardSetWriter:
         os.makedirs(out, exist_ok=True)
         self.shards: list[dict] = []
         self.skipped: Counter = Counter()
+        self.skipped_samples: list[dict] = []  # {"id", "reason", "detail"}, written to skipped.jsonl
         self._writer = None
         self._stream = None
 
@@ -48,8 +59,9 @@ class ShardSetWriter:
         self.shards[-1]["samples"] += 1
         self.shards[-1]["image_sizes"].append([list(s) for s in image_sizes])
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, sample_id: object = None, detail: str = "") -> None:
         self.skipped[reason] += 1
+        self.skipped_samples.append({"id": sample_id, "reason": reason, "detail": detail[:500]})
 
     def _next_shard(self) -> None:
         self._close_shard()
@@ -69,30 +81,185 @@ class ShardSetWriter:
         index = {"version": 1, "shards": self.shards, "skipped": dict(self.skipped), **extra}
         with open(os.path.join(self.out, INDEX_NAME), "w") as f:
             json.dump(index, f)
+        with open(os.path.join(self.out, SKIPPED_NAME), "w", encoding="utf-8") as f:
+            for entry in self.skipped_samples:
+                f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         return index
 
     @property
     def written(self) -> int:
         return sum(s["samples"] for s in self.shards)
 
-    def report(self) -> str:
+    def report(self, out: str | None = None, examples: int = 3, listed: bool = True) -> str:
+        """Console summary: counts, skip reasons, and the first few skipped ids per reason."""
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"converted {self.written} samples into {len(self.shards)} shards in {self.out}; " \
-               f"skipped {sum(self.skipped.values())} ({reasons})"
+        lines = [f"converted {self.written} samples into {len(self.shards)} shards in {out or self.out}; "
+                 f"skipped {sum(self.skipped.values())} ({reasons})"]
+        for reason in sorted(self.skipped):
+            entries = [e for e in self.skipped_samples if e["reason"] == reason]
+            shown = ", ".join(repr(e["id"]) for e in entries[:examples]) + (" ..." if len(entries) > examples else "")
+            lines.append(f"  {reason}: {shown}  ({entries[0]['detail'][:100]})")
+        if self.skipped and listed:
+            lines.append(f"  every skipped sample with its reason: {os.path.join(out or self.out, SKIPPED_NAME)}")
+        return "\n".join(lines)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+@contextmanager
+def replacing_dir(out: str, overwrite: bool = False, option: str = "--out") -> Iterator[str]:
+    """A temporary sibling folder to write a whole shard set into; on success it takes ``out``'s place.
+
+    ``out`` must be missing or empty unless ``overwrite``. The old set is swapped for the new one with renames
+    (an atomic exchange where the OS has one), so a crash leaves the old set or the new one, never a mix; on
+    an error the temporary folder is removed and ``out`` is untouched.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SettingsError(f"{option}: {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise SettingsError(f"{option}: {out} is not empty (it may hold another shard set); pass --overwrite to "
+                            "replace it, or choose a new folder")
+    parent, name = os.path.split(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    except OSError as exn:
+        raise SettingsError(f"{option}: cannot create a folder beside {out}: {exn}") from exn
+    try:
+        yield staging
+        if not os.path.isdir(out):
+            os.rename(staging, out)
+        elif _exchange(staging, out):
+            shutil.rmtree(staging)  # now the old set
+        else:
+            old = staging + ".old"
+            os.rename(out, old)
+            os.rename(staging, out)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def expand_shards(spec: str | list[str] | None) -> list[str]:
     """Brace lists (``dir/shard-{000000..000009}.tar``), ``::``-joined lists, plain lists, or a
-    directory (all its ``*.tar``), local or any URL webdataset's gopen can open."""
+    directory (all its ``*.tar``), local or any URL webdataset's gopen can open. No checks: see
+    :func:`resolve_shards`."""
     if spec is None:
         return []
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = []
     for item in specs:
         if isinstance(item, str) and os.path.isdir(item):
-            urls += sorted(os.path.join(item, n) for n in os.listdir(item) if n.endswith(".tar"))
+            urls += sorted(os.path.join(item, n) for n in os.listdir(item) if n.endswith(SHARD_SUFFIXES))
         else:
             urls += wds.shardlists.expand_urls(item)
+    return urls
+
+
+def parse_synthetic(spec: str, key: str = "data.train_shards") -> dict:
+    """``synthetic:shapegrid,n=64,seed=0,min_side=64`` -> keyword arguments of ``write_synthetic`` (no ``out``)."""
+    import inspect
+
+    from datamodules.synthetic import TASKS, write_synthetic
+
+    task, *pairs = spec.removeprefix(SYNTHETIC_PREFIX).split(",")
+    if task not in TASKS:
+        raise SettingsError(f"{key}: {spec!r}: unknown synthetic task {task!r}; tasks are {', '.join(TASKS)} "
+                            "(e.g. 'synthetic:shapegrid,n=64')")
+    allowed = [p for p in inspect.signature(write_synthetic).parameters if p not in ("task", "out")]
+    settings: dict = {"task": task}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or name not in allowed:
+            raise SettingsError(f"{key}: {spec!r}: expected name=value with names {', '.join(allowed)}, got {pair!r}")
+        try:
+            settings[name] = int(value)
+        except ValueError as exn:
+            raise SettingsError(f"{key}: {spec!r}: {name} must be an integer, got {value!r}") from exn
+    if "n" not in settings or settings["n"] <= 0:
+        raise SettingsError(f"{key}: {spec!r}: give a positive sample count, e.g. 'synthetic:{task},n=64'")
+    return settings
+
+
+def synthetic_dir(spec: str, root: str, key: str = "data.train_shards") -> str:
+    """The folder a ``synthetic:`` spec is generated into: one per distinct setting, under ``root``."""
+    settings = parse_synthetic(spec, key)
+    name = settings.pop("task") + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
+    return os.path.join(root, name)
+
+
+def _is_remote(item: str) -> bool:
+    return urlparse(item).scheme not in ("", "file") or item.startswith("pipe:")
+
+
+def _local_shards(item: str, key: str, check: bool) -> list[str]:
+    path = item.removeprefix("file://")
+    if path.lower().endswith((".json", ".jsonl")):
+        raise SettingsError(f"{key}: {item!r} is a JSON file, not shards; convert it first: "
+                            "python -m datamodules.convert llava --json FILE --images DIR --out DIR")
+    if os.path.isdir(path):
+        urls = expand_shards(path)
+        if not urls:
+            hint = ""
+            if any(n.lower().endswith((".json", ".jsonl")) for n in os.listdir(path)):
+                hint = " (it holds JSON: convert it with python -m datamodules.convert)"
+            raise SettingsError(f"{key}: the folder {path!r} holds no .tar shards{hint}")
+        return urls
+    urls = wds.shardlists.expand_urls(path)
+    if not check:
+        return urls
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if len(missing) == len(urls):
+        pattern = len(urls) > 1 or "{" in path
+        what = f"the pattern {path!r} matches no file" if pattern else f"no such file or folder: {path!r}"
+        raise SettingsError(f"{key}: {what}")
+    if missing:
+        raise SettingsError(f"{key}: {len(missing)} of the {len(urls)} shards of {path!r} do not exist "
+                            f"(first: {missing[0]})")
+    wrong = [u for u in urls if not u.endswith(SHARD_SUFFIXES)]
+    if wrong:
+        raise SettingsError(f"{key}: {wrong[0]!r} is not a .tar shard (accepted: a folder of shards, a brace "
+                            "pattern, a .tar file, a list of these, or 'synthetic:TASK,n=N')")
+    return urls
+
+
+def resolve_shards(
+    spec: str | list[str] | None, key: str = "data.train_shards", synthetic_root: str = "data/synthetic",
+    check: bool = True,
+) -> list[str]:
+    """Shard urls of a spec, or a :class:`SettingsError` naming ``key``. Forms: a folder of shards, a brace
+    pattern, a single ``.tar``, a list of these, a remote URL, or ``synthetic:TASK,n=N,...`` (generated data,
+    only ever when asked for by that name; see :func:`synthetic_dir`). With ``check``, every local shard must
+    exist (a missing one is an error here, not a skip at read time)."""
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, str) else spec
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise SettingsError(f"{key}: expected a shard spec (a string) or a non-empty list of them, got {spec!r}")
+    urls = []
+    for item in items:
+        item = item.strip()
+        if item.startswith(SYNTHETIC_PREFIX):
+            path = synthetic_dir(item, synthetic_root, key)
+            if not os.path.isdir(path):
+                raise SettingsError(f"{key}: {item!r} has not been generated into {path} yet (the DataModule's "
+                                    "prepare_data does that)")
+            urls += expand_shards(path)
+        elif _is_remote(item):
+            urls += wds.shardlists.expand_urls(item)
+        else:
+            urls += _local_shards(item, key, check)
     return urls
 
 

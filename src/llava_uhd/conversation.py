@@ -191,6 +191,22 @@ def _encode_turns(
     return system_ids, turn_ids, turn_labels
 
 
+def training_dialogue(
+    turns: list[dict], n_images: int, system: str | None = DEFAULT_SYSTEM
+) -> tuple[str | None, list[dict]]:
+    """(system, user/assistant turns) that training tokenises, or ``ConversationError``: the conversation rules
+    shared by the converter's check and the loader (a trailing text-only user turn is dropped)."""
+    turns = normalize_turns(turns)
+    system, dialogue = _split_system(turns, system)
+    if len(dialogue) % 2 == 1:
+        if IMAGE_PLACEHOLDER in dialogue[-1]["content"]:
+            raise ConversationError("malformed", "last user turn holds an image but has no answer")
+        dialogue = dialogue[:-1]
+    if not dialogue:
+        raise ConversationError("empty", "no assistant reply")
+    return system, _with_image_placeholders(dialogue, n_images)
+
+
 def tokenize_conversation(
     turns: list[dict],
     tokenizer,
@@ -206,15 +222,7 @@ def tokenize_conversation(
     (user, assistant) pairs without images are dropped; image tokens are never cut; if it still does
     not fit, or no assistant reply would remain, raises ``ConversationError("too_long")``.
     """
-    turns = normalize_turns(turns)
-    system, dialogue = _split_system(turns, system)
-    if len(dialogue) % 2 == 1:
-        if IMAGE_PLACEHOLDER in dialogue[-1]["content"]:
-            raise ConversationError("malformed", "last user turn holds an image but has no answer")
-        dialogue = dialogue[:-1]
-    if not dialogue:
-        raise ConversationError("empty", "no assistant reply")
-    dialogue = _with_image_placeholders(dialogue, len(image_token_counts))
+    system, dialogue = training_dialogue(turns, len(image_token_counts), system)
     system_ids, turn_ids, turn_labels = _encode_turns(system, dialogue, tokenizer, image_token_counts, vision_markers)
 
     pairs = [(turn_ids[i] + turn_ids[i + 1], turn_labels[i] + turn_labels[i + 1]) for i in range(0, len(turn_ids), 2)]

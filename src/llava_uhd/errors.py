@@ -1,0 +1,13 @@
+"""The one exception type for a user's mistake in a setting or an input file.
+
+Library code raises :class:`SettingsError` with a message that starts with the setting it blames
+(``data.train_shards: ...``, ``--shard-size: ...``); entry scripts catch it and print that one line
+with a non-zero exit instead of a traceback. It is a ``ValueError`` so callers that already catch
+``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class SettingsError(ValueError):
+    """A setting or input the user gave is wrong; the message names it and says what to do."""
