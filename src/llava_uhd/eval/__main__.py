@@ -1,0 +1,132 @@
+"""``python -m llava_uhd.eval``: benchmarks from local VLMEvalKit TSV files.
+
+    run   --model DIR --data FILE.tsv [--data ...] --out DIR [--batch-size N] [--num-beams 1|3]
+          [--max-new-tokens N] [--limit N] [--kind K]   answer every row (resumable), then score
+    score --data FILE.tsv --predictions FILE.jsonl [--kind K] [--out DIR]   score without a model
+    table DIR [DIR ...] [--out DIR]                     results table across benchmarks and runs
+
+Defaults follow the release's evaluation: ``--num-beams 3``, ``--max-new-tokens 512``, batch size 1.
+Bad input ends with one message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, predictions_path
+from .scoring import KINDS
+from .tsv import EvalError
+
+log = logging.getLogger("llava_uhd.eval")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_uhd.eval", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer every benchmark row with a model, then score")
+    run.add_argument("--model", required=True, help="model folder (LlavaUHD.from_pretrained)")
+    run.add_argument("--data", required=True, action="append", help="benchmark TSV (repeatable)")
+    run.add_argument("--out", required=True, help="output folder for predictions and scores")
+    run.add_argument("--batch-size", type=_positive, default=1)
+    run.add_argument("--num-beams", type=_positive, default=DEFAULT_NUM_BEAMS)
+    run.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each file")
+    run.add_argument("--kind", choices=KINDS, default=None, help="scoring kind (default: from the file name)")
+    run.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, ...)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score = sub.add_parser("score", help="score a predictions file (no model)")
+    score.add_argument("--data", required=True, help="benchmark TSV")
+    score.add_argument("--predictions", required=True, help="predictions JSONL (index, prediction)")
+    score.add_argument("--kind", choices=KINDS, default=None)
+    score.add_argument("--out", default=None, help="output folder (default: the predictions file's folder)")
+    table = sub.add_parser("table", help="results table across benchmarks and runs")
+    table.add_argument("runs", nargs="+", help="folders holding a scores.json")
+    table.add_argument("--out", default=None, help="where results.md/.csv/.png go (default: the first folder)")
+    return parser
+
+
+def _summary(scores: dict) -> str:
+    value = scores["overall"][scores["headline"]]
+    counts = scores["counts"]
+    return (f"{scores['benchmark']}: {scores['headline']} {value:.2f} ({counts['scored']}/{counts['rows']} rows, "
+            f"{counts['unparseable']} unparseable)")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .report import score_predictions, write_scores
+    from .run import run_benchmark
+    from .tsv import read_benchmark
+
+    benchmarks = [read_benchmark(path, args.kind) for path in args.data]  # every file checked before loading
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise EvalError(f"two --data files share a name ({', '.join(names)}): predictions would collide")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise EvalError(f"--model {args.model}: not a model folder (no config.json)")
+    from llava_uhd.mllm import LlavaUHD
+
+    try:
+        model = LlavaUHD.from_pretrained(model_dir).to(args.device).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise EvalError(f"--model {args.model}: cannot load the model ({type(err).__name__}: {err})") from err
+    for benchmark in benchmarks:
+        stats = run_benchmark(model, benchmark, args.out, batch_size=args.batch_size, num_beams=args.num_beams,
+                              max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.no_progress)
+        info = stats.to_dict()
+        print(f"{benchmark.name}: {info['answered_now']} answered now, {info['answered_before']} before, "
+              f"{info['skipped']} skipped; {info['rows_per_s']} rows/s, {info['generate_share']:.0%} generating")
+        if benchmark.has_answers:
+            scores = score_predictions(benchmark, predictions_path(args.out, benchmark.name))
+            write_scores(scores, args.out)
+            print(_summary(scores))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .report import score_predictions, write_scores
+    from .tsv import read_benchmark
+
+    benchmark = read_benchmark(args.data, args.kind)
+    scores = score_predictions(benchmark, args.predictions)
+    paths = write_scores(scores, args.out or Path(args.predictions).parent)
+    print(_summary(scores))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from .report import results_table
+
+    text, paths = results_table(args.runs, args.out)
+    print(text, end="")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"run": cmd_run, "score": cmd_score, "table": cmd_table}[args.command](args)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unwritable output folder, disk full, ...
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

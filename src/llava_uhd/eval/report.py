@@ -1,0 +1,157 @@
+"""Scores of a predictions file, written as ``scores.json``, markdown + CSV tables and a bar chart; and the
+results table across benchmarks and runs (the shape of the paper's Table 2: one row per run, one column per
+benchmark, each cell the benchmark's headline number).
+
+Files in the output folder: ``<bench>_scores.json`` / ``.md`` / ``.csv`` / ``.png`` per benchmark, and
+``scores.json`` holding every benchmark scored into that folder (``table`` reads it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .run import read_predictions
+from .scoring import aggregate, score_row
+from .tsv import Benchmark, EvalError
+
+SCORES_NAME = "scores.json"
+
+
+def match_predictions(benchmark: Benchmark, records: Sequence[dict], source: str) -> list[tuple[dict, str]]:
+    """(row, prediction) pairs in file order; unknown or repeated indices are an error naming them."""
+    seen: dict[str, int] = {}
+    unknown, duplicates = [], []
+    for number, record in enumerate(records, start=1):
+        index = str(record["index"])
+        if index not in benchmark.by_index:
+            unknown.append(index)
+        elif index in seen:
+            duplicates.append(f"{index} (records {seen[index]} and {number})")
+        else:
+            seen[index] = number
+    if unknown:
+        raise EvalError(f"{source}: {len(unknown)} prediction(s) for indices not in {benchmark.path}: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if duplicates:
+        raise EvalError(f"{source}: {len(duplicates)} index(es) predicted twice: {', '.join(duplicates[:5])}")
+    by_index = {str(r["index"]): r["prediction"] for r in records}
+    return [(row, str(by_index[row["index"]] or "")) for row in benchmark.rows if row["index"] in by_index]
+
+
+def score_predictions(benchmark: Benchmark, predictions: str | Path) -> dict:
+    """The benchmark's scores (see :func:`llava_uhd.eval.scoring.aggregate`) from a predictions file."""
+    if not benchmark.has_answers:
+        raise EvalError(f"{benchmark.path}: no 'answer' column, nothing to score against (a test split?)")
+    pairs = match_predictions(benchmark, read_predictions(predictions), str(predictions))
+    if not pairs:
+        raise EvalError(f"{predictions}: no predictions to score")
+    return aggregate(benchmark, [(row, score_row(benchmark, row, text)) for row, text in pairs])
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def score_rows(scores: dict) -> tuple[list[str], list[list]]:
+    """Header and rows of the per-category table (first row: overall)."""
+    metrics = list(scores["overall"])
+    for values in scores["per_category"].values():
+        metrics += [m for m in values if m not in metrics and m != "count"]
+    header = ["category", *metrics, "count"]
+    rows = [["overall", *[scores["overall"].get(m, "") for m in metrics], scores["counts"]["scored"]]]
+    for category, values in scores["per_category"].items():
+        rows.append([category, *[values.get(m, "") for m in metrics], values.get("count", "")])
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_scores(scores: dict, out_dir: str | Path) -> list[Path]:
+    """Per-benchmark json / md / csv / png, and the benchmark merged into ``out_dir/scores.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = scores["benchmark"]
+    header, rows = score_rows(scores)
+    counts = scores["counts"]
+    note = (f"{name} ({scores['kind']}): {counts['scored']} of {counts['rows']} rows scored, "
+            f"{counts['missing']} without a prediction, {counts['unparseable']} unparseable answers.\n\n")
+    paths = [out_dir / f"{name}_scores.{ext}" for ext in ("json", "md", "csv", "png")]
+    paths[0].write_text(json.dumps(scores, indent=2, ensure_ascii=False))
+    paths[1].write_text(note + markdown_table(header, rows))
+    with paths[2].open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    _bar_chart(scores, paths[3])
+    merged_path = out_dir / SCORES_NAME
+    merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+    merged[name] = scores
+    merged_path.write_text(json.dumps(merged, indent=2, ensure_ascii=False))
+    return [*paths, merged_path]
+
+
+def _bar_chart(scores: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    metric = scores["headline"]
+    labels = ["overall", *[c for c, v in scores["per_category"].items() if metric in v]]
+    values = [scores["overall"][metric], *[scores["per_category"][c][metric] for c in labels[1:]]]
+    if scores["kind"] == "mme":  # per-category MME points are acc + acc+; the overall total is on another scale
+        labels, values = labels[1:], values[1:]
+    fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2), 3.2))
+    ax = fig.subplots()
+    ax.bar(range(len(labels)), values, color=["tab:blue"] + ["tab:gray"] * (len(labels) - 1))
+    ax.set_xticks(range(len(labels)), [lbl[:24] for lbl in labels], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{scores['benchmark']}: {metric}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def results_table(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, list[Path]]:
+    """Markdown table (runs x benchmarks, headline numbers) and a grouped bar chart, from each run's
+    ``scores.json``; written as ``results.md`` / ``results.csv`` / ``results.png`` in ``out`` (default: the
+    first run folder)."""
+    runs = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir) / SCORES_NAME
+        if not path.is_file():
+            raise EvalError(f"{run_dir}: no {SCORES_NAME} (score a predictions file into it first)")
+        try:
+            runs[str(run_dir)] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path}: not valid JSON ({err})") from err
+    benchmarks = sorted({b for scores in runs.values() for b in scores})
+    header = ["run", *[f"{b} ({next(s[b]['headline'] for s in runs.values() if b in s)})" for b in benchmarks]]
+    rows = [[Path(run).name or run, *[s[b]["overall"][s[b]["headline"]] if b in s else "" for b in benchmarks]]
+            for run, s in runs.items()]
+    out = Path(out) if out is not None else Path(run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(header, rows)
+    (out / "results.md").write_text(text)
+    with (out / "results.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    _grouped_chart(benchmarks, rows, out / "results.png")
+    return text, [out / "results.md", out / "results.csv", out / "results.png"]
+
+
+def _grouped_chart(benchmarks: Sequence[str], rows: Sequence[Sequence], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 1.2 * len(benchmarks) + 2), 3.5))
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for r, row in enumerate(rows):
+        values = [v if isinstance(v, int | float) else 0.0 for v in row[1:]]
+        ax.bar([b + r * width for b in range(len(benchmarks))], values, width, label=str(row[0]))
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benchmarks))], benchmarks, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("headline score")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
