@@ -28,6 +28,8 @@ SPECIAL_TOKENS = [
     "<|slice_sep|>",
     "<|row_sep|>",
 ]
+QWEN2_SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+"""What Qwen2-7B-Instruct's tokenizer carries: no image or vision tokens (as in the released model's folder)."""
 
 # Qwen2-7B-Instruct's template: a default system turn when the conversation has none.
 CHATML_TEMPLATE = (
@@ -85,13 +87,13 @@ def _corpus() -> list[str]:
     return lines * 2
 
 
-def _train(vocab_size: int) -> Tokenizer:
+def _train(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -103,22 +105,28 @@ def _has_tokenizer(out_dir: Path) -> bool:
     return all((out_dir / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike, vocab_size: int = 1024, special_tokens: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train (once) and load the tiny ChatML byte-level BPE tokenizer saved in ``out_dir``.
 
     Idempotent: when ``out_dir`` already holds a saved tokenizer it is only loaded. Training is
-    deterministic, so two machines building it get the same ids.
+    deterministic, so two machines building it get the same ids. ``special_tokens``: default
+    :data:`SPECIAL_TOKENS`; :data:`QWEN2_SPECIAL_TOKENS` gives a Qwen2-like tokenizer without image tokens.
     """
     out = Path(out_dir)
+    special_tokens = list(special_tokens or SPECIAL_TOKENS)
+    if special_tokens[:3] != QWEN2_SPECIAL_TOKENS:
+        raise ValueError(f"special_tokens must start with {QWEN2_SPECIAL_TOKENS}")
     if not _has_tokenizer(out):
-        backend = _train(vocab_size)
+        backend = _train(vocab_size, special_tokens)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend,
             pad_token=PAD_TOKEN,
             eos_token=IM_END,
             unk_token=None,
             bos_token=None,
-            additional_special_tokens=[IM_START, *SPECIAL_TOKENS[3:]],
+            additional_special_tokens=[IM_START, *special_tokens[3:]],
             model_max_length=32768,
             padding_side="right",
             clean_up_tokenization_spaces=False,

@@ -5,6 +5,14 @@ area is clamped to a pixel budget, the longest side is capped, and each side is 
 multiple the encoder needs (patch size x 2 per 2x2 compression step). Every consumer (data module,
 CLI, generation, benchmarks) goes through :func:`preprocess`, so training and inference see the
 same pixels.
+
+Two rules, chosen by name (:func:`make_policy`):
+
+- ``default`` (:class:`ResolutionPolicy`): the product's rule for its own models; the size closest in aspect
+  ratio, then area, within the budget; resized with torchvision's antialiased bicubic uint8 kernel.
+- ``release`` (:class:`ReleaseResolutionPolicy`): the released LLaVA-UHD v3's training rule (upscale by 1.4,
+  clamp the area, cap the side, floor to the multiple), resized with PIL's bicubic as the release does, so a
+  released model sees the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -70,6 +78,67 @@ class ResolutionPolicy:
         )
 
 
+@dataclass(frozen=True)
+class ReleaseResolutionPolicy:
+    """The released model's resize rule (training, ``--resolution 1560``), sides floored to ``multiple``.
+
+    1. ``W * H <= max_pixels``: scale both sides by ``upscale`` (1.4) first;
+    2. area above ``max_pixels`` (below ``min_pixels``): ``H = int(S / sqrt(W / H))``, ``W = int(H * W / H)``
+       with ``S = sqrt(max_pixels)`` (``sqrt(min_pixels)``);
+    3. longest side above ``max_side``: scaled down to it (int);
+    4. each side floored to a multiple of ``multiple`` (at least one multiple).
+    """
+
+    min_pixels: int = 512 * 512
+    max_pixels: int = 1560 * 1560
+    max_side: int = 5120
+    multiple: int = 40
+    upscale: float = 1.4
+    resample: str = "pil"
+    """Resize with PIL's ``Image.resize(..., BICUBIC)``, as the release does."""
+
+    def __post_init__(self) -> None:
+        if self.multiple <= 0:
+            raise ValueError(f"multiple must be positive, got {self.multiple}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.upscale <= 0:
+            raise ValueError(f"upscale must be positive, got {self.upscale}")
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) to resize an image of ``height x width`` to."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        w, h = float(width), float(height)
+        if w * h <= self.max_pixels:
+            w, h = w * self.upscale, h * self.upscale
+        ratio = w / h
+        for limit, outside in ((self.max_pixels, w * h > self.max_pixels), (self.min_pixels, w * h < self.min_pixels)):
+            if outside:
+                h = int(math.sqrt(limit) / math.sqrt(ratio))
+                w = int(h * ratio)
+        if max(w, h) > self.max_side:
+            scale = self.max_side / max(w, h)
+            w, h = int(w * scale), int(h * scale)
+        m = self.multiple
+        return max(m, int(h) // m * m), max(m, int(w) // m * m)
+
+
+POLICIES = ("default", "release")
+
+
+def make_policy(
+    name: str, multiple: int, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560, max_side: int = 5120
+) -> ResolutionPolicy | ReleaseResolutionPolicy:
+    """Resolution policy by name: ``default`` (the product's) or ``release`` (the released model's rule)."""
+    if name == "default":
+        return ResolutionPolicy(min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side, multiple=multiple)
+    if name == "release":
+        return ReleaseResolutionPolicy(min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side,
+                                       multiple=multiple)
+    raise ValueError(f"unknown resolution policy {name!r}; choose one of {POLICIES}")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode: palette, grey, alpha (composited on white), CMYK, 16-bit and float."""
     if image.mode == "RGB":
@@ -115,7 +184,7 @@ def normalize(pixels: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.T
 
 def preprocess(
     image: Image.Image,
-    policy: ResolutionPolicy,
+    policy: ResolutionPolicy | ReleaseResolutionPolicy,
     mean=SIGLIP_MEAN,
     std=SIGLIP_STD,
     normalized: bool = True,
@@ -126,6 +195,12 @@ def preprocess(
     those (4x less to stack and to pass between processes) and normalises whole batches.
     """
     target = policy.target_size(image.height, image.width)
+    if getattr(policy, "resample", None) == "pil":  # the release's path: full decode, PIL bicubic
+        image = to_rgb(image)
+        if (image.height, image.width) != target:
+            image = image.resize((target[1], target[0]), Image.BICUBIC)
+        pixels = to_tensor(image)
+        return normalize(pixels, mean, std) if normalized else pixels
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
         # Still undecoded: let libjpeg decode at a reduced DCT scale (never below the target) when
         # shrinking 2x or more; big photographs then decode several times faster.
