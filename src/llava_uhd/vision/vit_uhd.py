@@ -18,11 +18,12 @@ import dataclasses
 from collections import defaultdict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, resample_abs_pos_embed
+from timm.layers import Attention, LayerNorm, resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -31,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .pvc import POOLING_KINDS, WindowedTokenCompression, window_major_order
 from .resize import SIGLIP_MEAN, SIGLIP_STD
+from .rope import ROPE_KINDS, apply_rope, rope_table
 
 POS_EMBED_INITS = ("random", "sincos")
 
@@ -47,6 +49,8 @@ class ViTUHDConfig:
     """Attention heads (head dim = embed_dim / num_heads)."""
     mlp_ratio: float = 3.7362
     """MLP hidden = int(embed_dim * mlp_ratio); 1152 * 3.7362 -> 4304 for SO400M."""
+    mlp_dim: int = 0
+    """Explicit MLP hidden width (0: use ``mlp_ratio``); what a loader reads off a checkpoint's fc1."""
     act_layer: str = "gelu_tanh"
     """MLP activation as the base weights were trained (SigLIP: tanh GELU)."""
     base_patch_size: int = 14
@@ -65,6 +69,14 @@ class ViTUHDConfig:
     """WTC pooling kind: avg | content_adaptive | pixel_unshuffle."""
     qkv_bias: bool = True
     """Bias in the qkv projection (SigLIP: yes)."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm (blocks and final norm): timm/SigLIP 1e-6, MoonViT 1e-5."""
+    pos_embed_antialias: bool = True
+    """Antialias when the pos-embed table is bicubic-resampled to a smaller grid (timm: yes; MoonViT: no)."""
+    rope: str = "none"
+    """Rotary position embedding on q and k in every block: ``none`` or ``2d`` (MoonViT's, see ``rope.py``)."""
+    rope_theta: float = 10000.0
+    """Base of the RoPE frequencies ``theta ** (-4k / head_dim)``."""
     mean: tuple[float, float, float] = SIGLIP_MEAN
     """Pixel normalisation mean."""
     std: tuple[float, float, float] = SIGLIP_STD
@@ -85,6 +97,17 @@ class ViTUHDConfig:
             raise ValueError(f"wtc_layers: must be strictly increasing, got {list(self.wtc_layers)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.rope not in ROPE_KINDS:
+            raise ValueError(f"rope: unknown {self.rope!r}; choose one of {ROPE_KINDS}")
+        if self.rope == "2d" and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"rope: 2d RoPE needs head_dim divisible by 4, got {self.embed_dim // self.num_heads} "
+                f"(embed_dim {self.embed_dim} / num_heads {self.num_heads})"
+            )
+        if self.mlp_dim < 0:
+            raise ValueError(f"mlp_dim must be >= 0 (0: from mlp_ratio), got {self.mlp_dim}")
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
         if self.patch_size <= 0 or self.base_patch_size <= 0:
             raise ValueError("patch sizes must be positive")
         if self.pos_embed_init not in POS_EMBED_INITS:
@@ -92,6 +115,15 @@ class ViTUHDConfig:
         if self.pos_embed_init == "sincos" and self.embed_dim % 4:
             raise ValueError(f"pos_embed_init: sincos needs embed_dim divisible by 4, got {self.embed_dim}")
         self.reduction = self.patch_size * 2 ** len(self.wtc_layers)
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width the blocks get."""
+        return self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -109,13 +141,26 @@ class EncoderOutput:
         return [h * w for h, w in self.grids]
 
 
-def packed_attention(attn: nn.Module, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+RopeTable = tuple[torch.Tensor, torch.Tensor]
+"""(sin, cos) [N, head_dim] for the tokens of the current sequence, in their order (see ``rope.py``)."""
+
+
+def packed_attention(
+    attn: nn.Module, x: torch.Tensor, lengths: list[int], rope: RopeTable | None = None
+) -> torch.Tensor:
     """timm ``Attention`` over a packed [N, C] sequence, attending within each image only.
 
-    Images of equal length are batched into one SDPA call; no block-diagonal mask is ever built.
+    Images of equal length are batched into one SDPA call; no block-diagonal mask is ever built. ``rope``
+    (sin, cos) [N, head_dim], one row per token of the pack, rotates q and k before the split.
     """
     n_total = x.shape[0]
     qkv = attn.qkv(x).view(n_total, 3, attn.num_heads, attn.head_dim)
+    if rope is not None:
+        sin, cos = rope[0][:, None], rope[1][:, None]  # N, 1, head_dim: the same turn for every head
+        q, k, v = qkv.unbind(1)
+        q = apply_rope(attn.q_norm(q), sin, cos)
+        k = apply_rope(attn.k_norm(k), sin, cos)
+        qkv = torch.stack([q, k, v], dim=1)
     chunks = qkv.split(lengths, dim=0)
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, length in enumerate(lengths):
@@ -124,7 +169,8 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, lengths: list[int]) -> to
     for length, indices in by_length.items():
         group = torch.stack([chunks[i] for i in indices]).permute(2, 0, 3, 1, 4)  # 3, b, heads, n, hd
         q, k, v = group.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         o = o.transpose(1, 2).reshape(len(indices), length, attn.attn_dim)
         for slot, i in enumerate(indices):
@@ -136,27 +182,53 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, lengths: list[int]) -> to
 
 
 _PACKED_LENGTHS: ContextVar[list[int] | None] = ContextVar("packed_lengths", default=None)
+_ROPE: ContextVar[RopeTable | None] = ContextVar("rope_table", default=None)
 
 
 class PackedAttention(Attention):
     """timm ``Attention`` (same parameters, same checkpoint keys) that attends within each image when the
-    encoder runs a packed [N, C] sequence; a dense [B, N, C] call is timm's own forward."""
+    encoder runs a packed [N, C] sequence; a dense [B, N, C] call is timm's own forward unless RoPE is on."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        lengths = _PACKED_LENGTHS.get()
-        if lengths is None:
+        lengths, rope = _PACKED_LENGTHS.get(), _ROPE.get()
+        if lengths is not None:
+            return packed_attention(self, x, lengths, rope)
+        if rope is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return packed_attention(self, x, lengths)
+        return self._dense_rope(x, rope, attn_mask, is_causal)
+
+    def _dense_rope(
+        self, x: torch.Tensor, rope: RopeTable, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """timm's forward with q and k rotated after their norms (sin/cos [N, head_dim] broadcast over B, heads)."""
+        batch, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        sin, cos = rope
+        q = apply_rope(self.q_norm(q), sin, cos)
+        k = apply_rope(self.k_norm(k), sin, cos)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+        )
+        o = self.norm(o.transpose(1, 2).reshape(batch, n, self.attn_dim))
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o))
 
 
-def packed_block(block: Block, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """A timm ``Block`` over a packed sequence, called through ``block(...)`` so that module hooks (FSDP2's
-    unshard, activation checkpointing) see it: per-token layers on the whole pack, attention per image.
+def packed_block(
+    block: Block, x: torch.Tensor, lengths: list[int] | None, rope: RopeTable | None = None
+) -> torch.Tensor:
+    """A timm ``Block`` over a packed sequence (``lengths``) and/or with a RoPE table, called through
+    ``block(...)`` so that module hooks (FSDP2's unshard, activation checkpointing) see it: per-token layers
+    on the whole pack, attention per image. The context is set inside, so a checkpoint's recompute sees it too.
     (Drop-path, when enabled, would drop per token here; ViT-UHD runs with drop_path_rate 0.)"""
     token = _PACKED_LENGTHS.set(lengths)
+    rope_token = _ROPE.set(rope)
     try:
         return block(x)
     finally:
+        _ROPE.reset(rope_token)
         _PACKED_LENGTHS.reset(token)
 
 
@@ -173,8 +245,9 @@ class ViTUHD(VisionTransformer):
             embed_dim=cfg.embed_dim,
             depth=cfg.depth,
             num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
+            mlp_ratio=(cfg.mlp_dim + 0.5) / cfg.embed_dim if cfg.mlp_dim else cfg.mlp_ratio,
             qkv_bias=cfg.qkv_bias,
+            norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
             class_token=False,
             no_embed_class=True,
             dynamic_img_size=True,
@@ -201,6 +274,9 @@ class ViTUHD(VisionTransformer):
             "classifier": "head",
         }
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._rope_cache: dict[tuple, RopeTable] = {}
+        self.registry_name = encoder_name(cfg)
+        """A timm name that, with ``**cfg.to_dict()``, rebuilds this architecture."""
 
     # -- geometry -----------------------------------------------------------------------------------------------
     @property
@@ -247,7 +323,13 @@ class ViTUHD(VisionTransformer):
         if not needs_grad and key in self._pos_cache:
             return self._pos_cache[key]
         g = self.cfg.pos_embed_grid
-        pos = resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)[0]
+        pos = resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=list(grid),
+            old_size=[g, g],
+            num_prefix_tokens=0,
+            antialias=self.cfg.pos_embed_antialias,
+        )[0]
         order = window_major_order(grid[0], grid[1], len(self.cfg.wtc_layers))
         if len(self.cfg.wtc_layers):
             pos = pos[order.to(pos.device)]
@@ -256,6 +338,30 @@ class ViTUHD(VisionTransformer):
                 self._pos_cache.clear()
             self._pos_cache[key] = pos.detach()
         return pos
+
+    def rope_for(self, grid: tuple[int, int], levels: int, device: torch.device) -> RopeTable:
+        """RoPE (sin, cos) [h*w, head_dim] for ``grid`` in window-major order with ``levels`` WTC steps to come.
+
+        Fixed (no parameters, no gradient), so always cached per (grid, levels, device)."""
+        key = (grid, levels, device)
+        table = self._rope_cache.get(key)
+        if table is None:
+            if len(self._rope_cache) > 256:
+                self._rope_cache.clear()
+            cfg = self.cfg
+            table = rope_table(grid[0], grid[1], levels, cfg.head_dim, cfg.rope_theta, device=device)
+            self._rope_cache[key] = table
+        return table
+
+    def _rope_at(self, grids: list[tuple[int, int]], level: int, device: torch.device) -> RopeTable | None:
+        """The RoPE table of the whole sequence at compression ``level`` (0: patch grid), or None when off."""
+        if self.cfg.rope == "none":
+            return None
+        levels = len(self.cfg.wtc_layers) - level
+        tables = [self.rope_for((h >> level, w >> level), levels, device) for h, w in grids]
+        if len(tables) == 1:
+            return tables[0]
+        return torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Same-size images [B, 3, H, W] -> window-major patch tokens with pos-embed [B, n, C]."""
@@ -269,20 +375,28 @@ class ViTUHD(VisionTransformer):
         return self.norm_pre(self.pos_drop(x))
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def _run_blocks(self, x: torch.Tensor, lengths: list[int] | None) -> tuple[torch.Tensor, list[int] | None]:
+    def _run_blocks(
+        self, x: torch.Tensor, lengths: list[int] | None, grids: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, list[int] | None]:
+        """Blocks and WTCs over dense [B, n, C] (``lengths`` None, one patch grid) or a packed pack
+        (one patch grid per image)."""
+        level = 0
+        rope = self._rope_at(grids, level, x.device)
         for index, block in enumerate(self.blocks, start=1):
-            if lengths is None:
+            if lengths is None and rope is None:
                 x = checkpoint(block, x, use_reentrant=False) if self._ckpt() else block(x)
             else:
                 x = (
-                    checkpoint(packed_block, block, x, lengths, use_reentrant=False)
+                    checkpoint(packed_block, block, x, lengths, rope, use_reentrant=False)
                     if self._ckpt()
-                    else packed_block(block, x, lengths)
+                    else packed_block(block, x, lengths, rope)
                 )
             wtc = self.wtc[str(index)] if str(index) in self.wtc else None
             if wtc is not None:
                 x = wtc(x)
                 lengths = None if lengths is None else [n // 4 for n in lengths]
+                level += 1
+                rope = self._rope_at(grids, level, x.device)
         return self.norm(x), lengths
 
     def _ckpt(self) -> bool:
@@ -297,7 +411,8 @@ class ViTUHD(VisionTransformer):
             if x.ndim != 4:
                 raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(x.shape)}")
             grid = self.output_grid(x.shape[-2], x.shape[-1])
-            tokens, _ = self._run_blocks(self.embed(x), None)
+            patch_grid = self.stage_grids(x.shape[-2], x.shape[-1])[0]
+            tokens, _ = self._run_blocks(self.embed(x), None, [patch_grid])
             return EncoderOutput(tokens=tokens, grids=[grid] * x.shape[0])
         images = list(x)
         if not images:
@@ -313,7 +428,8 @@ class ViTUHD(VisionTransformer):
             for slot, i in enumerate(indices):
                 pieces[i] = embedded[slot]
         lengths = [p.shape[0] for p in pieces]
-        tokens, _ = self._run_blocks(torch.cat(pieces, dim=0), lengths)
+        patch_grids = [self.stage_grids(img.shape[-2], img.shape[-1])[0] for img in images]
+        tokens, _ = self._run_blocks(torch.cat(pieces, dim=0), lengths, patch_grids)
         return EncoderOutput(tokens=tokens, grids=grids)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -329,13 +445,37 @@ class ViTUHD(VisionTransformer):
 SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, pos_embed_grid=27, base_patch_size=14)
 TINY = dict(embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.0, pos_embed_grid=16, base_patch_size=14,
             pos_embed_init="sincos")
+# Kimi-VL MoonViT: the SO400M shape with 2-D RoPE, LayerNorm eps 1e-5 and a 64x64 pos table resampled
+# without antialiasing.
+MOONVIT_OPTIONS = dict(rope="2d", norm_eps=1e-5, pos_embed_antialias=False, act_layer="gelu_tanh")
+MOONVIT_SO400M = dict(SO400M, mlp_dim=4304, pos_embed_grid=64, **MOONVIT_OPTIONS)
+MOONVIT_TINY = dict(TINY, **MOONVIT_OPTIONS)
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes", "global_pool")
 
 
+def encoder_name(cfg: ViTUHDConfig) -> str:
+    """A registered timm name for ``cfg``'s family (ViT-UHD or GNE, SigLIP or MoonViT flavour, size).
+
+    ``timm.create_model(encoder_name(cfg), **cfg.to_dict())`` rebuilds exactly ``cfg``: every field is passed."""
+    family = "uhd" if cfg.wtc_layers else "gne"
+    size = "so400m" if (cfg.embed_dim, cfg.depth) == (1152, 27) else "tiny"
+    patch = 10 if cfg.wtc_layers else 14
+    flavour = "moonvit" if cfg.rope == "2d" else "siglip"
+    return f"vit_{family}_{size}_patch{patch}_{flavour}"
+
+
 def create_vit_uhd(
-    shape: dict[str, Any], pretrained: bool = False, pretrained_path: str | None = None, **kwargs: Any
+    shape: dict[str, Any],
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> ViTUHD:
-    """Build a ViTUHD from a shape preset plus overrides; optionally load base ViT weights (RPE at load)."""
+    """Build a ViTUHD from a shape preset, the model's ``defaults`` and explicit overrides; optionally load
+    weights from a local file or folder (RPE and pos-embed resampling at load).
+
+    A checkpoint that carries WTC modules (a ViT-UHD release folder's ``merger`` keys, our own ``wtc.*``)
+    sets ``wtc_layers`` / ``wtc_pooling`` over ``defaults``; explicit ``kwargs`` win over both."""
     for key in _TIMM_KWARGS:
         kwargs.pop(key, None)
     device = kwargs.pop("device", None)
@@ -345,8 +485,15 @@ def create_vit_uhd(
     if unknown:
         raise TypeError(f"unknown ViT-UHD option(s) {sorted(unknown)}; valid: {sorted(cfg_fields)}")
     if pretrained and not pretrained_path:
-        raise ValueError("pretrained=True needs pretrained_path= (a local .safetensors/.bin file): nothing is fetched")
-    cfg = ViTUHDConfig(**{**shape, **kwargs})
+        raise ValueError("pretrained=True needs pretrained_path= (a local file or folder): nothing is fetched")
+    defaults = dict(defaults or {})
+    checkpoint_state = None
+    if pretrained_path:
+        from .weights import checkpoint_wtc, normalise_state, read_checkpoint
+
+        checkpoint_state = normalise_state(*read_checkpoint(pretrained_path), source=pretrained_path)
+        defaults.update(checkpoint_wtc(checkpoint_state))
+    cfg = ViTUHDConfig(**{**shape, **defaults, **kwargs})
     if device is not None:
         with torch.device(device):
             model = ViTUHD(cfg)
@@ -354,10 +501,16 @@ def create_vit_uhd(
         model = ViTUHD(cfg)
     if dtype is not None:
         model = model.to(dtype)
-    if pretrained_path:
-        from .weights import load_base_weights
+    if checkpoint_state is not None:
+        from .weights import load_state
 
-        load_base_weights(model, pretrained_path)
+        load_state(model, checkpoint_state)
+    return model
+
+
+def _registered(name: str, shape: dict[str, Any], defaults: dict[str, Any], pretrained: bool, **kwargs: Any) -> ViTUHD:
+    model = create_vit_uhd(shape, pretrained, defaults=defaults, **kwargs)
+    model.registry_name = name
     return model
 
 
@@ -365,25 +518,54 @@ def create_vit_uhd(
 def vit_uhd_so400m_patch10_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
     """ViT-UHD on SigLIP-SO400M/14: RPE 14 -> 10, content-adaptive WTC after blocks 4 and 18 (16x)."""
     defaults = dict(patch_size=10, wtc_layers=(4, 18), wtc_pooling="content_adaptive")
-    return create_vit_uhd(SO400M, pretrained, **{**defaults, **kwargs})
+    return _registered("vit_uhd_so400m_patch10_siglip", SO400M, defaults, pretrained, **kwargs)
 
 
 @register_model
 def vit_gne_so400m_patch14_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
     """Global native-resolution baseline: the same SO400M ViT at patch 14, no WTC (MoonViT-like)."""
     defaults = dict(patch_size=14, wtc_layers=())
-    return create_vit_uhd(SO400M, pretrained, **{**defaults, **kwargs})
+    return _registered("vit_gne_so400m_patch14_siglip", SO400M, defaults, pretrained, **kwargs)
 
 
 @register_model
 def vit_uhd_tiny_patch10_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
     """Tiny ViT-UHD for tests and the demo: width 64, depth 6, 2 heads, WTC after blocks 2 and 4."""
     defaults = dict(patch_size=10, wtc_layers=(2, 4), wtc_pooling="content_adaptive")
-    return create_vit_uhd(TINY, pretrained, **{**defaults, **kwargs})
+    return _registered("vit_uhd_tiny_patch10_siglip", TINY, defaults, pretrained, **kwargs)
 
 
 @register_model
 def vit_gne_tiny_patch14_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
     """Tiny global native-resolution baseline: patch 14, no WTC."""
     defaults = dict(patch_size=14, wtc_layers=())
-    return create_vit_uhd(TINY, pretrained, **{**defaults, **kwargs})
+    return _registered("vit_gne_tiny_patch14_siglip", TINY, defaults, pretrained, **kwargs)
+
+
+@register_model
+def vit_uhd_so400m_patch10_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
+    """The released ViT-UHD: Kimi-VL MoonViT-SO400M (2-D RoPE) with RPE 14 -> 10 and content-adaptive WTC
+    after blocks 4 and 18 (1-based). ``pretrained_path`` takes a MoonViT or release folder (or file)."""
+    defaults = dict(patch_size=10, wtc_layers=(4, 18), wtc_pooling="content_adaptive")
+    return _registered("vit_uhd_so400m_patch10_moonvit", MOONVIT_SO400M, defaults, pretrained, **kwargs)
+
+
+@register_model
+def vit_gne_so400m_patch14_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
+    """MoonViT-SO400M itself at patch 14, no WTC: the GNE baseline as the paper ran it."""
+    defaults = dict(patch_size=14, wtc_layers=())
+    return _registered("vit_gne_so400m_patch14_moonvit", MOONVIT_SO400M, defaults, pretrained, **kwargs)
+
+
+@register_model
+def vit_uhd_tiny_patch10_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
+    """Tiny MoonViT-flavoured ViT-UHD for tests: width 64, depth 6, 2 heads (head_dim 32), WTC after 2 and 4."""
+    defaults = dict(patch_size=10, wtc_layers=(2, 4), wtc_pooling="content_adaptive")
+    return _registered("vit_uhd_tiny_patch10_moonvit", MOONVIT_TINY, defaults, pretrained, **kwargs)
+
+
+@register_model
+def vit_gne_tiny_patch14_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
+    """Tiny MoonViT-flavoured GNE baseline for tests: patch 14, no WTC."""
+    defaults = dict(patch_size=14, wtc_layers=())
+    return _registered("vit_gne_tiny_patch14_moonvit", MOONVIT_TINY, defaults, pretrained, **kwargs)
