@@ -250,6 +250,7 @@ class UHDDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        val_tsv: str | None = None,
         test_shards: str | list[str] | None = None,
         tokenizer_path: str | None = None,
         tokenizer: object | None = None,
@@ -379,7 +380,16 @@ class UHDDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         return self._loader(self.hparams.train_shards, train=True)
 
-    def val_dataloader(self) -> StreamLoader:
+    def val_dataloader(self):
+        """The val shards' loader; with ``val_tsv`` (a VLMEvalKit benchmark TSV, see ``datamodules.tsv``) that
+        benchmark's rows instead, which the module scores as ``python -m llava_uhd.eval score`` does."""
+        if self.hparams.get("val_tsv"):
+            from datamodules.tsv import read_val_tsv, tsv_loader
+
+            rank, world_size = self._rank()
+            hp = self.hparams
+            return tsv_loader(read_val_tsv(hp.val_tsv), self.tokenizer, self.policy, self.image_token_fn,
+                              hp.max_length, hp.max_batch_size, hp.vision_markers, rank, world_size)
         return self._loader(self.hparams.val_shards, train=False)
 
     def test_dataloader(self) -> StreamLoader:

@@ -250,3 +250,67 @@ def plot_cell_accuracy(accuracy: Tensor, title: str = "accuracy per grid cell"):
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
+
+
+class BenchmarkScores(Metric):
+    """A VLMEvalKit benchmark's scores (``llava_uhd.eval.scoring``: the same rules as ``python -m llava_uhd.eval
+    score``) for a validate/test split whose data is that benchmark's TSV (``--data.val_tsv``).
+
+    ``update(predictions, indices)`` scores each prediction against its row at once and keeps, per row, three
+    numbers (row position, hit, choice read) as ``cat`` states, so ranks gather them. ``compute()`` drops
+    repeated rows (ranks pad their share with repeats to keep step counts equal) and aggregates: a flat dict of
+    the overall numbers (``accuracy``, ``f1``, ``total``, ...), ``<metric>/<category>`` per category, ``count``
+    and ``unparseable``. ``headline`` names the number a results table shows for this benchmark.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, benchmark, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from llava_uhd.eval.scoring import HEADLINE
+
+        self.benchmark = benchmark
+        self.position = {row["index"]: i for i, row in enumerate(benchmark.rows)}
+        self.headline = HEADLINE[benchmark.kind]
+        for name in ("rows", "hits", "choices"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, predictions: Sequence[str], indices: Sequence[str]) -> None:
+        from llava_uhd.eval.scoring import score_row
+
+        if len(predictions) != len(indices):
+            raise ValueError(f"{len(predictions)} predictions for {len(indices)} indices")
+        positions, hits, choices = [], [], []
+        for prediction, index in zip(predictions, indices):
+            if str(index) not in self.position:
+                raise KeyError(f"{self.benchmark.name}: no row with index {index!r}")
+            score = score_row(self.benchmark, self.benchmark.by_index[str(index)], prediction)
+            positions.append(self.position[str(index)])
+            hits.append(score.hit)
+            choices.append(score.choice)
+        device = self.device
+        self.rows.append(torch.tensor(positions, dtype=torch.long, device=device))
+        self.hits.append(torch.tensor(hits, dtype=torch.float64, device=device))
+        self.choices.append(torch.tensor(choices, dtype=torch.long, device=device))
+
+    def compute(self) -> dict[str, Tensor]:
+        from torchmetrics.utilities import dim_zero_cat
+
+        from llava_uhd.eval.scoring import RowScore, aggregate
+
+        rows, hits, choices = (dim_zero_cat(s).tolist() for s in (self.rows, self.hits, self.choices))
+        seen: dict[int, RowScore] = {}
+        for position, hit, choice in zip(rows, hits, choices):
+            seen.setdefault(int(position), RowScore(float(hit), int(choice)))
+        scored = [(self.benchmark.rows[p], seen[p]) for p in sorted(seen)]
+        scores = aggregate(self.benchmark, scored)
+        out = {name: torch.tensor(float(value)) for name, value in scores["overall"].items()}
+        for category, values in scores["per_category"].items():
+            for name, value in values.items():
+                if name != "count":
+                    out[f"{name}/{category}"] = torch.tensor(float(value))
+        out["count"] = torch.tensor(float(scores["counts"]["scored"]))
+        out["unparseable"] = torch.tensor(float(scores["counts"]["unparseable"]))
+        return out

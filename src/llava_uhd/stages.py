@@ -304,6 +304,8 @@ class UHDModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict, split: str) -> None:
+        if batch.get("input_ids") is None:  # a benchmark-TSV batch whose every image was unreadable (logged)
+            return
         loss, _ = self._forward(batch)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", batch_size=batch["input_ids"].shape[0],
                  sync_dist=True)
@@ -312,6 +314,23 @@ class UHDModule(L.LightningModule):
             scored = [(r["answer"], m) for r, m in zip(records, batch["meta"]) if m.get("answer") is not None]
             if scored:
                 self.metrics[split].update([p for p, _ in scored], [m for _, m in scored])
+            rows = [(r["answer"], m["index"]) for r, m in zip(records, batch["meta"]) if m.get("benchmark")]
+            if rows:
+                self.benchmark_metric(split).update([p for p, _ in rows], [i for _, i in rows])
+
+    def benchmark_metric(self, split: str):
+        """``BenchmarkScores`` over the benchmark TSV this split's loader reads (``datamodules.tsv``), made on
+        first use: benchmark rows are scored as ``python -m llava_uhd.eval score`` scores them."""
+        name = f"benchmark_{split}"
+        if not hasattr(self, name):
+            from .metrics import BenchmarkScores
+
+            loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+            benchmark = getattr(getattr(loader, "dataset", None), "benchmark", None)
+            if benchmark is None:
+                raise ValueError(f"{split} batch rows name a benchmark, but the {split} loader reads no benchmark TSV")
+            setattr(self, name, BenchmarkScores(benchmark).to(self.device))
+        return getattr(self, name)
 
     def _generates(self) -> bool:
         """Generation in validate/test: off under FSDP2, where ranks would run unequal numbers of forwards."""
@@ -331,6 +350,11 @@ class UHDModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, split: str) -> None:
+        scores = getattr(self, f"benchmark_{split}", None)
+        if self._generates() and scores is not None and scores.update_called:
+            values = scores.compute()
+            self.log_dict({f"{split}/{scores.benchmark.name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            scores.reset()
         metric = self.metrics[split]
         if not self._generates() or not metric.update_called:
             return
