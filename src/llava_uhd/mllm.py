@@ -7,14 +7,15 @@ each ``<image>`` placeholder into. The splice is one boolean mask + ``masked_sca
 
 Three encoder kinds share this model, as in the paper's comparison (all timm names):
 
-- ViT-UHD (``vit_uhd_*``: patch 10 + WTC) with the ``mlp`` (16x) or ``merger`` (64x) projector;
+- ViT-UHD (``vit_uhd_*``: patch 10 + WTC) with the ``mlp`` projector (16x: the released model and the
+  paper's 1.9x TTFT setting) or the ``merger`` (64x, found only in some of the paper's experiment checkpoints);
 - GNE (``vit_gne_*``: patch 14, no WTC) with the ``merger`` (MoonViT / Qwen2-VL style);
 - SBE (``vit_sbe_*``, :mod:`llava_uhd.vision.slicing`): thumbnail + fixed-size slices, joined with
   ``<|slice_sep|>`` / ``<|row_sep|>`` embeddings that take their place in the image's token run.
 
 A saved model folder (``save_pretrained``: ``config.json`` + ``model.safetensors`` + the tokenizer) is
 the unit passed between training stages and to evaluation; ``LlavaUHD.from_pretrained`` needs no
-training code.
+training code, and also reads the released model's LLaVA-format folder (:mod:`llava_uhd.release`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
-from llava_uhd.vision.resize import ResolutionPolicy, normalize, preprocess
+from llava_uhd.vision.resize import (
+    POLICIES,
+    ReleaseResolutionPolicy,
+    ResolutionPolicy,
+    make_policy,
+    normalize,
+    preprocess,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,8 +61,8 @@ class LlavaUHDConfig:
     """timm model name of the vision encoder (vit_uhd_*, vit_gne_* or vit_sbe_*)."""
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     """Overrides passed to ``timm.create_model`` (e.g. wtc_pooling, pretrained_path, slice_size)."""
-    projector: str = "merger"
-    """``mlp`` (one LLM token per encoder token) or ``merger`` (2x2 merge)."""
+    projector: str = "mlp"
+    """``mlp`` (one LLM token per encoder token: the released model's) or ``merger`` (2x2 merge)."""
     llm: str | dict[str, Any] = ""
     """A local causal-LM directory, or a config dict (random weights; see ``tiny_qwen2_config``)."""
     tokenizer: str | None = None
@@ -73,10 +81,14 @@ class LlavaUHDConfig:
     """Resolution policy: largest image area."""
     max_side: int = 5120
     """Resolution policy: cap on the longest side."""
+    resize_policy: str = "default"
+    """Resize rule: ``default`` (the product's) or ``release`` (the released model's: 1.4x upscale, floor, PIL)."""
 
     def __post_init__(self) -> None:
         if self.projector not in ("mlp", "merger"):
             raise ValueError(f"unknown projector {self.projector!r}")
+        if self.resize_policy not in POLICIES:
+            raise ValueError(f"unknown resize_policy {self.resize_policy!r}; choose one of {POLICIES}")
         if not self.llm:
             raise ValueError("llm must be a local directory or a config dict")
         self.slice_separators = tuple(self.slice_separators)
@@ -138,13 +150,16 @@ class ImageTokenCounter:
 
 def resolution_policy(
     encoder: nn.Module, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
-    max_side: int = 5120,
-) -> ResolutionPolicy | slicing.SliceGridPolicy:
-    """Policy for ``preprocess``: sides a multiple of the pixels per LLM token; SBE: its slice grid."""
+    max_side: int = 5120, name: str = "default",
+) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
+    """Policy for ``preprocess``: sides a multiple of the pixels per LLM token; SBE: its slice grid.
+
+    ``name``: ``default`` (the product's rule) or ``release`` (the released model's).
+    """
     if is_sliced(encoder):
         return encoder.policy
     multiple = encoder.reduction * projector.merge
-    return ResolutionPolicy(min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side, multiple=multiple)
+    return make_policy(name, multiple, min_pixels, max_pixels, max_side)
 
 
 class _StepClock(LogitsProcessor):
@@ -198,9 +213,10 @@ class LlavaUHD(nn.Module):
         return self.encoder.reduction * self.projector.merge
 
     @property
-    def policy(self) -> ResolutionPolicy | slicing.SliceGridPolicy:
+    def policy(self) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
         c = self.config
-        return resolution_policy(self.encoder, self.projector, c.min_pixels, c.max_pixels, c.max_side)
+        return resolution_policy(self.encoder, self.projector, c.min_pixels, c.max_pixels, c.max_side,
+                                 c.resize_policy)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Visual tokens (positions in the LLM sequence) of a preprocessed ``height x width`` image."""
@@ -405,10 +421,22 @@ class LlavaUHD(nn.Module):
         return save_dir
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> LlavaUHD:
-        """Rebuild a model written by ``save_pretrained`` (no training code, nothing fetched), on the CPU."""
+    def from_pretrained(cls, model_dir: str | Path, resize_policy: str | None = None) -> LlavaUHD:
+        """Rebuild a model written by ``save_pretrained``, or read a release folder (no training code, nothing
+        fetched), on the CPU. ``resize_policy`` overrides the folder's (a release: ``release``)."""
+        from llava_uhd import release
+
         model_dir = Path(model_dir)
-        raw = json.loads((model_dir / CONFIG_NAME).read_text())
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"no model folder at {model_dir}")
+        if release.is_release_folder(model_dir):
+            return release.load_release(model_dir, resize_policy=resize_policy or "release")
+        raw = release.read_config(model_dir)
+        if raw is None or "encoder" not in raw or not (model_dir / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{model_dir} is not a model folder: it needs a {CONFIG_NAME} written by save_pretrained "
+                             f"(or a LLaVA-format release's) and {WEIGHTS_NAME}")
+        if resize_policy is not None:
+            raw["resize_policy"] = resize_policy
         raw["encoder_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["encoder_kwargs"].items()}
         raw["tokenizer"] = raw.get("tokenizer") or str(model_dir)
         model = cls(LlavaUHDConfig(**raw))

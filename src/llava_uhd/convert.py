@@ -1,0 +1,79 @@
+"""``python -m llava_uhd.convert release --src DIR --out DIR``: a released LLaVA-UHD v3 folder -> our model folder.
+
+Reads the LLaVA-format release (:mod:`llava_uhd.release`: every tensor accounted for, image tokens added to
+the tokenizer) and writes a ``save_pretrained`` folder, which every training stage takes as
+``--model.init_from`` and ``LlavaUHD.from_pretrained`` / ``python -m llava_uhd.generate`` read. The folder
+keeps the release's resize rule (``resize_policy: release`` in its config) unless ``--resize-policy default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llava_uhd.vision.resize import POLICIES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava_uhd.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rel = sub.add_parser("release", help="a LLaVA-format release folder -> a save_pretrained folder")
+    rel.add_argument("--src", required=True, help="the release folder (config.json model_type llava_qwen)")
+    rel.add_argument("--out", required=True, help="where to write our model folder (must not exist or be empty)")
+    rel.add_argument("--resize-policy", choices=POLICIES, default="release",
+                     help="resize rule the converted model keeps (default: release, the rule it was trained with)")
+    rel.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def convert_release(src: str | Path, out: str | Path, resize_policy: str = "release", overwrite: bool = False):
+    """Write ``src`` (a release folder) as our model folder ``out``; returns the model and its load report."""
+    from llava_uhd.release import ReleaseError, is_release_folder, load_release
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ReleaseError(f"--src: no folder at {src}")
+    if not is_release_folder(src):
+        raise ReleaseError(f"--src: {src} is not a LLaVA-format release (its config.json needs model_type "
+                           "llava_qwen or mm_vision_tower)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ReleaseError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+        if out.resolve() == src.resolve():
+            raise ReleaseError("--out: must differ from --src")
+    steps = tqdm(total=2, desc="convert", unit="step")
+    model = load_release(src, resize_policy=resize_policy, progress=True)
+    steps.update()
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    steps.update()
+    steps.close()
+    return model, model.load_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llava_uhd.release import ReleaseError
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _, report = convert_release(args.src, args.out, args.resize_policy, args.overwrite)
+    except (ReleaseError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: encoder {report.encoder}, projector {report.projector}, LLM {report.llm} tensors; "
+          f"unused: {', '.join(report.unused) or 'none'}; tokens added: {', '.join(report.added_tokens) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
