@@ -1,5 +1,7 @@
-"""Training callbacks: WTC zero-init check, WTC gate monitor, stage freezing, throughput, export, predictions."""
+"""Training callbacks: WTC zero-init check, WTC gate monitor, stage freezing, throughput, export, predictions,
+skipped-sample report."""
 
+from .data_health import DataSkipReport
 from .export import ExportModel
 from .freeze import PreAlignmentFreeze
 from .gate_monitor import WTCGateMonitor
@@ -8,6 +10,7 @@ from .throughput import ThroughputLogger
 from .zero_init import ZeroInitCheck, ZeroInitError
 
 __all__ = [
+    "DataSkipReport",
     "ExportModel",
     "JSONLPredictionWriter",
     "PreAlignmentFreeze",

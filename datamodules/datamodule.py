@@ -46,7 +46,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.batching import Bucketer, collate
 from datamodules.samples import SampleDecoder, SkipCounter, decode_stream
-from datamodules.shards import ShardInfo, expand_shards, load_shard_infos, split_shards
+from datamodules.shards import (
+    SYNTHETIC_PREFIX,
+    ShardInfo,
+    load_shard_infos,
+    parse_synthetic,
+    replacing_dir,
+    resolve_shards,
+    split_shards,
+    synthetic_dir,
+)
+from llava_uhd.errors import SettingsError
 from llava_uhd.vision.resize import ResolutionPolicy
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -276,12 +286,20 @@ class UHDDataModule(L.LightningDataModule):
         seed: int = 0,
         max_image_pixels: int = 178_956_970,
         max_aspect_ratio: float = 50.0,
-        synthetic: dict[str, dict] | None = None,
+        max_skip_fraction: float = 0.1,
+        synthetic_root: str = "data/synthetic",
+        synthetic: dict | None = None,
     ) -> None:
         """Shard specs, tokenizer, resolution policy, token budget and loader settings (see the class doc).
 
-        ``synthetic``: generate a split's shards on first use when its directory does not exist yet, e.g.
-        ``{"train": {"task": "shapegrid", "n": 64, "min_side": 64, "max_side": 256}}`` (tiny runs, the demo).
+        Shard specs (``train_shards``, ``val_shards``, ``test_shards``): a folder of ``.tar`` shards, a brace
+        pattern (``dir/shard-{000000..000009}.tar``), one ``.tar`` file, a list of these, a URL, or generated
+        data asked for by name, ``synthetic:shapegrid,n=64,seed=0,min_side=64,max_side=256`` (any
+        ``write_synthetic`` argument; generated once into ``synthetic_root/<task>-<settings>`` by
+        :meth:`prepare_data`). A local path that does not exist is an error, never filled with generated data.
+        ``max_skip_fraction``: a training epoch that skips more than this share of its samples fails (the
+        counts by reason are in the message), as does one that trains on no sample at all.
+        ``synthetic`` (the earlier dict of per-split generator settings) is gone; only ``null`` is accepted.
         When the module trains with a LightningModule whose model has ``num_image_tokens`` (LlavaUHD), the
         tokenizer, resolution policy and token counter are taken from that model (:meth:`bind_model`).
         """
@@ -304,30 +322,75 @@ class UHDDataModule(L.LightningDataModule):
         self.policy = policy
         self.image_token_fn = model.image_token_counter()
 
+    def _specs(self) -> dict[str, object]:
+        return {split: self.hparams.get(f"{split}_shards") for split in ("train", "val", "test")}
+
     def prepare_data(self) -> None:
-        """Generate synthetic shards for splits configured in ``synthetic`` whose directory is missing."""
+        """Generate the shards of ``synthetic:`` specs that have not been generated yet (atomically: a folder
+        appears only complete)."""
         from datamodules.synthetic import write_synthetic
 
-        for split, settings in (self.hparams.synthetic or {}).items():
-            spec = self.hparams.get(f"{split}_shards")
-            if not isinstance(spec, str):
-                raise ValueError(f"data.synthetic.{split}: data.{split}_shards must be one directory to generate into")
-            if not os.path.isdir(spec):
-                index = write_synthetic(out=spec, **settings)
-                log.info("generated synthetic %s shards in %s: %s", split, spec, index.get("samples", index))
+        self.check_settings("")  # settings only: no split's shards are resolved
+        for split, spec in self._specs().items():
+            items = [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
+            for item in items:
+                if not (isinstance(item, str) and item.strip().startswith(SYNTHETIC_PREFIX)):
+                    continue
+                key = f"data.{split}_shards"
+                out = synthetic_dir(item.strip(), self.hparams.synthetic_root, key)
+                if os.path.isdir(out):
+                    continue
+                settings = parse_synthetic(item.strip(), key)
+                try:
+                    with replacing_dir(out, option="data.synthetic_root") as staging:
+                        index = write_synthetic(out=staging, **settings)
+                except ValueError as exn:
+                    raise SettingsError(f"{key}: {item!r}: {exn}") from exn
+                log.info("generated %s for %s in %s (%d shards)", item, key, out, len(index["shards"]))
 
-    def setup(self, stage: str) -> None:
-        """Fail before training when a configured local shard spec matches nothing."""
+    def check_settings(self, stage: str, generated: bool = False) -> None:
+        """Fail on a shard spec that matches nothing or names a missing local shard, and on settings out of
+        range. Cheap (no shard is read), so the CLI runs it before the trainer writes anything; ``generated``:
+        also require the ``synthetic:`` specs' shards to exist (after :meth:`prepare_data`)."""
+        hp = self.hparams
+        if hp.synthetic is not None:
+            raise SettingsError("data.synthetic: generated data is now asked for by name in the shard spec, e.g. "
+                                "--data.train_shards 'synthetic:shapegrid,n=64,seed=0'; set data.synthetic to null")
+        if not 0 <= hp.max_skip_fraction <= 1:
+            raise SettingsError(f"data.max_skip_fraction: a share between 0 and 1, got {hp.max_skip_fraction}")
+        for name in ("batch_token_budget", "max_batch_size", "max_length", "pixels_per_token", "max_image_pixels"):
+            if hp[name] <= 0:
+                raise SettingsError(f"data.{name}: must be positive, got {hp[name]}")
+        if hp.num_workers < 0:
+            raise SettingsError(f"data.num_workers: must be 0 or more, got {hp.num_workers}")
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ()):
-            spec = self.hparams.get(f"{split}_shards")
+            key, spec = f"data.{split}_shards", hp.get(f"{split}_shards")
             if spec is None:
+                if split == "train" or (split == "test" and stage in ("test", "predict")):
+                    raise SettingsError(f"{key}: {stage} needs shards (a folder, brace pattern, .tar, list, or "
+                                        "'synthetic:TASK,n=N')")
                 continue
-            urls = expand_shards(spec)
-            local = [u for u in urls if "://" not in u or u.startswith("file://")]
-            if not urls or (local and len(local) == len(urls) and not any(os.path.exists(u.removeprefix("file://"))
-                                                                       for u in local)):
-                raise FileNotFoundError(f"data.{split}_shards: no shard found for {spec!r}")
+            resolve_shards(spec, key, hp.synthetic_root, generated=generated)
+
+    def setup(self, stage: str) -> None:
+        """Fail before training on bad settings or shard specs (see :meth:`check_settings`)."""
+        self.check_settings(stage, generated=True)
+
+    def check_training_data(self, used: int, skipped: dict[str, int]) -> None:
+        """Fail a training epoch that used no sample, or skipped more than ``max_skip_fraction`` of them.
+        ``epoch_overflow`` (surplus batches dropped to keep ranks equal) is not a data fault and not counted."""
+        bad = {k: v for k, v in sorted(skipped.items()) if v and k != "epoch_overflow"}
+        total = sum(bad.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in bad.items()) or "none"
+        spec = self.hparams.train_shards
+        if used == 0:
+            raise SettingsError(f"data.train_shards: no usable training sample in {spec!r} (skipped {total}: "
+                                f"{reasons}); nothing was trained")
+        share = total / (used + total)
+        if share > self.hparams.max_skip_fraction:
+            raise SettingsError(f"data.train_shards: {total} of {used + total} samples skipped ({share:.0%} > "
+                                f"data.max_skip_fraction {self.hparams.max_skip_fraction:.0%}): {reasons}")
 
     @property
     def tokenizer(self):
@@ -359,9 +422,7 @@ class UHDDataModule(L.LightningDataModule):
         hp = self.hparams
         if spec is None:
             return []  # Lightning: no loader for this split
-        urls = expand_shards(spec)
-        if not urls:
-            raise ValueError(f"no shards for {spec!r}")
+        urls = resolve_shards(spec, "data shards", hp.synthetic_root, check=False)
         rank, world_size = self._rank()
         decoder = SampleDecoder(self.tokenizer, self.policy, self.image_token_fn, hp.max_length, hp.caption_prompt,
                                 hp.vision_markers, hp.max_image_pixels, hp.max_aspect_ratio)

@@ -236,12 +236,13 @@ def _local_shards(item: str, key: str, check: bool) -> list[str]:
 
 def resolve_shards(
     spec: str | list[str] | None, key: str = "data.train_shards", synthetic_root: str = "data/synthetic",
-    check: bool = True,
+    check: bool = True, generated: bool = True,
 ) -> list[str]:
     """Shard urls of a spec, or a :class:`SettingsError` naming ``key``. Forms: a folder of shards, a brace
     pattern, a single ``.tar``, a list of these, a remote URL, or ``synthetic:TASK,n=N,...`` (generated data,
     only ever when asked for by that name; see :func:`synthetic_dir`). With ``check``, every local shard must
-    exist (a missing one is an error here, not a skip at read time)."""
+    exist (a missing one is an error here, not a skip at read time); with ``generated``, so must the folder of
+    a ``synthetic:`` spec (without, only its settings are checked and no url is returned for it)."""
     if spec is None:
         return []
     items = [spec] if isinstance(spec, str) else spec
@@ -252,6 +253,8 @@ def resolve_shards(
         item = item.strip()
         if item.startswith(SYNTHETIC_PREFIX):
             path = synthetic_dir(item, synthetic_root, key)
+            if not generated:
+                continue
             if not os.path.isdir(path):
                 raise SettingsError(f"{key}: {item!r} has not been generated into {path} yet (the DataModule's "
                                     "prepare_data does that)")

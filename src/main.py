@@ -16,11 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules import UHDDataModule
+from llava_uhd.errors import SettingsError
 from llava_uhd.stages import UHDModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIGS / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def newest_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
@@ -44,6 +46,7 @@ class UHDCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_ckpt_path(config.get("ckpt_path"))
         if config.get("ckpt_path") != "last":
             return
         logger = config.trainer.logger
@@ -52,10 +55,43 @@ class UHDCLI(LightningCLI):
             return  # let Lightning resolve "last" itself
         found = newest_last_checkpoint(init.save_dir, init.get("name") or "lightning_logs")
         if found is None:
-            raise FileNotFoundError(f"ckpt_path: no last.ckpt under {Path(init.save_dir) / (init.get('name') or '')}")
+            raise SettingsError(f"ckpt_path: no last.ckpt under {Path(init.save_dir) / (init.get('name') or '')}")
         config.ckpt_path = str(found)
         init.version = found.parent.parent.name  # keep logging into the resumed run's directory
         print(f"resuming from {found}", file=sys.stderr)
+
+
+    def _check_data(self) -> None:
+        """The data settings, before the trainer creates a log folder (a mistake then leaves nothing behind)."""
+        check = getattr(self.datamodule, "check_settings", None)
+        if check is not None:
+            check(self.subcommand)
+
+    def before_fit(self) -> None:
+        self._check_data()
+
+    def before_validate(self) -> None:
+        self._check_data()
+
+    def before_test(self) -> None:
+        self._check_data()
+
+    def before_predict(self) -> None:
+        self._check_data()
+
+
+def check_ckpt_path(ckpt_path: object) -> None:
+    """Fail before anything is built or written when ``--ckpt_path`` names no checkpoint (a file, or an FSDP2
+    distributed-checkpoint folder holding ``.metadata``)."""
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return
+    path = Path(str(ckpt_path))
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise SettingsError(f"ckpt_path: {path} is a folder, not a checkpoint (resume from a .ckpt file; to start "
+                                "from an exported model folder use --model.init_from)")
+    elif not path.is_file():
+        raise SettingsError(f"ckpt_path: no checkpoint file at {path} (or 'last' for the newest run's last.ckpt)")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> UHDCLI:
@@ -76,18 +112,24 @@ CONFIG_KEYS = ("model.", "data.", "trainer.", "ckpt_path")
 
 
 def config_error(err: BaseException) -> str | None:
-    """The message of a settings error raised by our code (it names the key), wherever it sits in the chain."""
+    """The message of a settings error (a :class:`SettingsError`, Lightning's ``MisconfigurationException``, or
+    an older error whose message starts with the key), wherever it sits in the exception chain."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     while err is not None:
-        if isinstance(err, (ValueError, FileNotFoundError)) and str(err).startswith(CONFIG_KEYS):
+        if isinstance(err, SettingsError | MisconfigurationException):
+            return str(err)
+        if isinstance(err, ValueError | FileNotFoundError) and str(err).startswith(CONFIG_KEYS):
             return str(err)
         err = err.__cause__ or err.__context__
     return None
 
 
 def cli(args: list[str] | None = None) -> None:
+    """``main`` for people: a mistake in a setting or an input ends with one message and exit status 1."""
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as err:
+    except Exception as err:
         message = config_error(err)
         if message is None:
             raise

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from .errors import SettingsError
 from .llm import tiny_qwen2_config
 from .metrics import VQAMetrics, plot_cell_accuracy
 from .mllm import WEIGHTS_NAME, LlavaUHD, LlavaUHDConfig
@@ -94,6 +95,19 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+
+
+def check_learning_rates(lr: dict[str, float] | None) -> dict[str, float]:
+    """``model.lr`` with every key a part name and every value a positive number (a typo is an error, not a
+    setting that silently does nothing)."""
+    lr = dict(lr or {})
+    unknown = sorted(set(lr) - set(PARTS))
+    if unknown:
+        raise SettingsError(f"model.lr: unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    for part, value in lr.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+            raise SettingsError(f"model.lr.{part}: a positive learning rate, got {value!r}")
+    return {part: float(value) for part, value in lr.items()}
 
 
 class UHDModule(L.LightningModule):
@@ -181,7 +195,7 @@ class UHDModule(L.LightningModule):
         unknown = set(self.trainable_parts) - set(PARTS)
         if unknown:
             raise ValueError(f"model.trainable: unknown parts {sorted(unknown)}; parts are {PARTS}")
-        self.lrs = {**self.default_lr, **(lr or {})}
+        self.lrs = {**self.default_lr, **check_learning_rates(lr)}
         self.teacher = self._build_teacher() if distill_weight > 0 else None
         if gradient_checkpointing:
             self.model.encoder.set_grad_checkpointing(True)
@@ -204,8 +218,13 @@ class UHDModule(L.LightningModule):
         result = self.model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             log.warning("init_from %s: unused tensors %s", path, ", ".join(result.unexpected_keys))
-        if result.missing_keys:
-            log.warning("init_from %s: tensors left at init %s", path, ", ".join(result.missing_keys))
+        # A tied tensor (the LLM's input embedding and LM head) is stored once: the copy that is not in the file
+        # shares its storage with one that is, so it was loaded too.
+        current = self.model.state_dict()
+        loaded = {current[k].data_ptr() for k in state if k in current}
+        left = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]
+        if left:
+            log.warning("init_from %s: tensors left at init %s", path, ", ".join(left))
         log.info("initialised weights from %s (%d tensors)", path, len(state))
 
     def setup(self, stage: str) -> None:

@@ -1,0 +1,71 @@
+"""Skipped samples on the console, and a training epoch that trained on nothing (or on too little) fails.
+
+The loader counts every skipped sample by reason and each batch carries the new counts (``batch["skips"]``,
+see ``datamodules.datamodule``). TensorBoard gets them from the LightningModule; this callback puts the
+running total on the progress bar (``skipped``), prints one line per epoch (samples used, skipped by
+reason), and hands the epoch's counts, summed over ranks, to the DataModule's ``check_training_data``, which
+raises when nothing was used or more than ``data.max_skip_fraction`` was skipped. It runs before
+``ModelCheckpoint`` and ``ExportModel``, so a failed run leaves no ``last.ckpt`` and no export.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+import torch
+
+from datamodules.samples import SKIP_REASONS
+
+NOT_A_FAULT = ("epoch_overflow",)  # surplus batches dropped to keep ranks equal
+
+
+class DataSkipReport(L.Callback):
+    """Console view of skipped samples and the "trained on nothing / too many skips" check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = 0
+        self.skipped: Counter = Counter()
+        self.epochs_checked = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.used, self.skipped = 0, Counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+                           ) -> None:
+        if not isinstance(batch, dict):
+            return
+        keys = batch.get("keys")
+        self.used += len(keys) if keys is not None else int(batch["input_ids"].shape[0])
+        self.skipped.update({k: int(v) for k, v in (batch.get("skips") or {}).items() if v})
+        faults = sum(v for k, v in self.skipped.items() if k not in NOT_A_FAULT)
+        pl_module.log("skipped", float(faults), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                      batch_size=1)
+
+    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, dict[str, int]]:
+        """This epoch's used samples and skips by reason, summed over ranks."""
+        reasons = sorted(set(SKIP_REASONS) | set(self.skipped))
+        local = torch.tensor([self.used] + [self.skipped.get(r, 0) for r in reasons], dtype=torch.float64,
+                             device=pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
+        values = [int(v) for v in total.tolist()]
+        return values[0], {r: v for r, v in zip(reasons, values[1:]) if v}
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        used, skipped = self._totals(trainer, pl_module)
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+        pl_module.print(f"epoch {trainer.current_epoch}: trained on {used} samples; skipped "
+                        f"{sum(v for k, v in skipped.items() if k not in NOT_A_FAULT)} ({reasons})")
+        self.epochs_checked += 1
+        check = getattr(trainer.datamodule, "check_training_data", None)
+        if check is not None:
+            check(used, skipped)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A loader of length 0 skips the epoch loop (and its end hook) altogether: that run trained on nothing.
+        if self.epochs_checked == 0 and trainer.global_step == 0 and trainer.limit_train_batches != 0:
+            self._check(trainer, pl_module)
