@@ -87,6 +87,7 @@ def test_bad_arguments(tmp_path, bench, capsys):
     fails(capsys, ["table", str(tmp_path)], "no scores.json")
     (tmp_path / "scores.json").write_text("{")
     fails(capsys, ["table", str(tmp_path)], "not valid JSON")
+    fails(capsys, ["tiny", "--out", str(tmp_path), "--rows", "0"], "at least 1")
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -15,31 +15,18 @@ from llava_uhd.eval.__main__ import main
 from llava_uhd.eval.generation import generate_batch
 from llava_uhd.eval.prompts import MCQ_INSTRUCTION, build_prompt
 from llava_uhd.eval.run import read_predictions, run_benchmark
+from llava_uhd.eval.tiny import write_tiny
 from llava_uhd.eval.tsv import read_benchmark
-from llava_uhd.llm import tiny_qwen2_config
-from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig
-from llava_uhd.tokenizer import build_tiny_tokenizer
+from llava_uhd.mllm import LlavaUHD
 
-from .conftest import b64_image, vqa_rows, write_tsv
+from .conftest import b64_image, mcq_rows, vqa_rows, write_tsv
 
 FAST = ["--num-beams", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    build_tiny_tokenizer(root / "tokenizer")
-    torch.manual_seed(0)
-    config = LlavaUHDConfig(encoder="vit_uhd_tiny_patch10_siglip", projector="mlp",
-                            llm=tiny_qwen2_config(1024, hidden_size=64, layers=2, initializer_range=0.2),
-                            tokenizer=str(root / "tokenizer"), min_pixels=40 * 40, max_pixels=160 * 160)
-    return LlavaUHD(config).eval().save_pretrained(root / "saved")
-
-
-def mcq_rows(n):
-    return [{"index": i, "image": b64_image(i) if i % 4 == 0 else str(i - i % 4), "question": f"Which one is {i}?",
-             "hint": "Look closely." if i % 2 else "", "A": "cat", "B": "dog", "C": "bird", "answer": "ABC"[i % 3]}
-            for i in range(n)]
+    return write_tiny(tmp_path_factory.mktemp("tiny"), rows=1)["model"]
 
 
 def test_killed_run_resumes_to_the_same_predictions(tmp_path, model_dir):

@@ -4,6 +4,7 @@
           [--max-new-tokens N] [--limit N] [--kind K]   answer every row (resumable), then score
     score --data FILE.tsv --predictions FILE.jsonl [--kind K] [--out DIR]   score without a model
     table DIR [DIR ...] [--out DIR]                     results table across benchmarks and runs
+    tiny  --out DIR [--rows N]                          a tiny random model + two drawn TSVs, to try and time `run`
 
 Defaults follow the release's evaluation: ``--num-beams 3``, ``--max-new-tokens 512``, batch size 1.
 Bad input ends with one message on stderr and exit status 2.
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="results table across benchmarks and runs")
     table.add_argument("runs", nargs="+", help="folders holding a scores.json")
     table.add_argument("--out", default=None, help="where results.md/.csv/.png go (default: the first folder)")
+    tiny = sub.add_parser("tiny", help="write a tiny random model and two small drawn benchmark TSVs")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--rows", type=_positive, default=64, help="rows per benchmark file")
     return parser
 
 
@@ -114,11 +118,18 @@ def cmd_table(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
+def cmd_tiny(args: argparse.Namespace) -> None:
+    from .tiny import write_tiny
+
+    for name, path in write_tiny(args.out, args.rows).items():
+        print(f"{name}: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"run": cmd_run, "score": cmd_score, "table": cmd_table}[args.command](args)
+        {"run": cmd_run, "score": cmd_score, "table": cmd_table, "tiny": cmd_tiny}[args.command](args)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
