@@ -228,3 +228,50 @@ def test_from_scratch_pos_embed_starts_as_unit_scale_sincos_for_tiny_models():
     assert timm.create_model("vit_uhd_so400m_patch10_siglip", device="meta").cfg.pos_embed_init == "random"
     with pytest.raises(ValueError, match="pos_embed_init"):
         timm.create_model("vit_uhd_tiny_patch10_siglip", pos_embed_init="zeros")
+
+
+def test_moonvit_registry_entries_have_the_release_shape():
+    uhd = timm.create_model("vit_uhd_so400m_patch10_moonvit", device="meta")
+    cfg = uhd.cfg
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.base_patch_size) == (1152, 27, 16, 10, 14)
+    assert (cfg.wtc_layers, cfg.wtc_pooling, cfg.rope) == ((4, 18), "content_adaptive", "2d")
+    assert cfg.pos_embed_antialias is False and cfg.pos_embed_grid == 64
+    assert uhd.blocks[0].mlp.fc1.out_features == 4304 and uhd.blocks[0].attn.head_dim == 72
+    assert uhd.blocks[26].norm2.eps == uhd.norm.eps == 1e-5
+    assert uhd.pos_embed.shape == (1, 64 * 64, 1152)
+    # the release's 427,155,696 parameters, less the two never-used 1152x1152 merger.zero_init_fc
+    assert sum(p.numel() for p in uhd.parameters()) == 427_155_696 - 2 * 1152 * 1152
+    gne = timm.create_model("vit_gne_so400m_patch14_moonvit", device="meta")
+    assert (gne.cfg.patch_size, gne.cfg.wtc_layers, gne.cfg.rope, gne.reduction) == (14, (), "2d", 14)
+    tiny = timm.create_model("vit_uhd_tiny_patch10_moonvit")
+    assert (tiny.cfg.embed_dim, tiny.cfg.num_heads, tiny.cfg.head_dim, tiny.cfg.depth) == (64, 2, 32, 6)
+    assert timm.create_model("vit_uhd_so400m_patch10_siglip", device="meta").norm.eps == 1e-6  # SigLIP unchanged
+
+
+@pytest.mark.parametrize("name", timm.list_models("vit_uhd_*") + timm.list_models("vit_gne_*"))
+def test_registry_name_and_config_rebuild_the_same_architecture(name):
+    model = timm.create_model(name, device="meta")
+    assert model.registry_name == name
+    rebuilt = timm.create_model(model.registry_name, device="meta", **model.cfg.to_dict())
+    assert rebuilt.cfg == model.cfg
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_mlp_dim_gives_the_exact_hidden_width():
+    model = ViTUHD(ViTUHDConfig(embed_dim=1152, depth=1, num_heads=16, mlp_dim=4304, wtc_layers=()))
+    assert model.blocks[0].mlp.fc1.out_features == 4304
+    odd = ViTUHD(ViTUHDConfig(embed_dim=96, depth=1, num_heads=2, mlp_dim=331, wtc_layers=()))
+    assert odd.blocks[0].mlp.fc1.out_features == 331
+
+
+def test_pos_embed_resampling_antialias_is_a_config_option():
+    on = timm.create_model("vit_gne_tiny_patch14_siglip").eval()
+    off = timm.create_model("vit_gne_tiny_patch14_moonvit").eval()
+    assert on.cfg.pos_embed_antialias and not off.cfg.pos_embed_antialias
+    with torch.no_grad():
+        off.pos_embed.copy_(on.pos_embed)
+        table = on.pos_embed.reshape(1, 16, 16, 64).permute(0, 3, 1, 2)
+        for model, antialias in ((on, True), (off, False)):
+            expected = F.interpolate(table, size=(4, 4), mode="bicubic", align_corners=False, antialias=antialias)
+            torch.testing.assert_close(model.pos_embed_for((4, 4)), expected[0].flatten(1).T)
+        assert (on.pos_embed_for((4, 4)) - off.pos_embed_for((4, 4))).abs().max() > 1e-3
