@@ -1,0 +1,145 @@
+"""``python -m llava_uhd.generate``: ask a model folder (ours or the LLaVA-format release) about images.
+
+::
+
+    python -m llava_uhd.generate --model DIR --image photo.jpg [--image ...] --prompt "What is this?" \\
+        [--num-beams 3] [--max-new-tokens 512] [--json]
+
+Prints the answer, then the timings ``LlavaUHD.generate`` measures (encoder ms, LLM prefill ms, time to
+first token, decoding tokens/s). On a terminal, greedy answers stream token by token as they come
+(transformers' ``TextStreamer``); ``--json`` prints one JSON object instead. The release evaluates with
+``--num-beams 3 --max-new-tokens 512``. Bad input (a missing or unreadable image or folder, a folder that is
+not a model, a bad option) gives one message on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from llava_uhd.vision.resize import POLICIES
+
+
+class UsageError(Exception):
+    """Bad input named in one message; the command exits with status 1."""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava_uhd.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model folder: save_pretrained / convert output, or a release")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes")
+    p.add_argument("--num-beams", type=_positive, default=1, help="beam search width (1: greedy; release: 3)")
+    p.add_argument("--max-new-tokens", type=_positive, default=512, help="cap on the answer's tokens")
+    p.add_argument("--resize-policy", choices=POLICIES, default=None,
+                   help="resize rule (default: the folder's; a release: release)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def open_images(paths: list[str]) -> list:
+    """Decode every image fully now, so a damaged file is reported before the model is loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"--image: no image file at {path}")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise UsageError(f"--image: cannot read {path} as an image ({err})") from err
+    return images
+
+
+def load_model(path: str, resize_policy: str | None):
+    from llava_uhd.mllm import LlavaUHD
+    from llava_uhd.release import ReleaseError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--model: no model folder at {path}")
+    try:
+        return LlavaUHD.from_pretrained(folder, resize_policy=resize_policy)
+    except (ReleaseError, ValueError, OSError, KeyError, TypeError) as err:
+        raise UsageError(f"--model: cannot load {path}: {err}") from err
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here")
+    return device
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import TextStreamer
+
+    if not args.prompt.strip():
+        raise UsageError("--prompt: empty; ask a question")
+    images = open_images(args.image)
+    device = pick_device(args.device)
+    model = load_model(args.model, args.resize_policy).to(device).eval()
+    stream = sys.stdout.isatty() and not args.json and args.num_beams == 1
+    extra = {"streamer": TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)} if stream else {}
+    try:
+        result = model.generate(images, args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                **extra)
+    except ValueError as err:  # e.g. more <image> marks than images
+        raise UsageError(f"--prompt: {err}") from err
+    record = {
+        "model": args.model, "images": args.image, "prompt": args.prompt, "answer": result.text,
+        "encoder_ms": round(result.encoder_ms, 3), "prefill_ms": round(result.prefill_ms, 3),
+        "ttft_ms": round(result.ttft_ms, 3), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        "new_tokens": len(result.token_ids), "image_tokens": result.num_image_tokens,
+        "prompt_tokens": result.num_prompt_tokens, "num_beams": args.num_beams, "device": str(device),
+        "resize_policy": model.config.resize_policy,
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        if not stream:
+            print(result.text)
+        print(f"encoder {record['encoder_ms']:.1f} ms | prefill {record['prefill_ms']:.1f} ms | "
+              f"TTFT {record['ttft_ms']:.1f} ms | {record['decode_tokens_per_s']:.1f} tokens/s | "
+              f"{record['image_tokens']} image tokens, {record['prompt_tokens']} prompt tokens", flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
