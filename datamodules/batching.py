@@ -9,6 +9,9 @@ each worker; partial buckets are flushed when the stream ends, so no sample is l
 
 Packed mode: one next-fit buffer of mixed sizes under the same budget; ``pixel_values`` is a list.
 
+The bucketer reads only ``sample.image_sizes``, so a resumed stream can replay it on placeholders that carry
+sizes read from image headers (see ``datamodules.stream_state``).
+
 Because bucket-mode capacities do not depend on the order of the stream, :func:`count_batches` can
 predict from image sizes alone exactly how many batches a stream of samples makes (used to give every
 rank the same number of batches).

@@ -45,7 +45,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.batching import Bucketer, collate
-from datamodules.samples import SampleDecoder, SkipCounter, decode_stream
+from datamodules.samples import SampleDecoder, SkipCounter
 from datamodules.shards import (
     SYNTHETIC_PREFIX,
     ShardInfo,
@@ -55,6 +55,17 @@ from datamodules.shards import (
     resolve_shards,
     split_shards,
     synthetic_dir,
+)
+from datamodules.stream_state import (
+    STATE_VERSION,
+    STREAM_TAG,
+    MutableSkips,
+    Replay,
+    Tally,
+    gather,
+    materialize,
+    mismatches,
+    replay_decode,
 )
 from llava_uhd.errors import SettingsError
 from llava_uhd.vision.resize import ResolutionPolicy
@@ -71,6 +82,11 @@ class GridTokens:
 
     def __call__(self, height: int, width: int) -> int:
         return (height // self.pixels_per_token) * (width // self.pixels_per_token)
+
+
+def _no_worker_seed() -> int:
+    """The stream's seed already names its rank, worker and epoch."""
+    return 0
 
 
 class ShardStream(IterableDataset):
@@ -110,7 +126,11 @@ class ShardStream(IterableDataset):
         self.fixed_length = batches_per_epoch is not None or (self.plannable and world_size > 1)
         self.num_workers = 1  # DataLoader workers; set by StreamLoader (per-worker buckets change the count)
         self.epoch = multiprocessing.get_context().Value("i", -1)  # bumped by StreamLoader each epoch
-        self.skips = SkipCounter()
+        self.skips = MutableSkips()
+        # Mid-epoch resume (see datamodules.stream_state): per worker, what to replay in epoch `resume_epoch`.
+        self.resume: dict[int, Replay] = {}
+        self.resume_epoch = -1
+        self._replay, self._skipped_ids, self._worker_id = Replay(), [], 0
 
     # ---- epoch plan ------------------------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -149,6 +169,19 @@ class ShardStream(IterableDataset):
             targets.append(row)
         return targets
 
+    def settings(self) -> dict:
+        """What the stream's order depends on: a resume under other values cannot find its position."""
+        policy = self.decoder.policy
+        return {
+            "shards": [[s.url.rsplit("/", 1)[-1], s.samples] for s in self.infos], "world_size": self.world_size,
+            "seed": self.seed, "batch_token_budget": self.bucketer.budget,
+            "max_batch_size": self.bucketer.max_batch_size, "packed": self.bucketer.packed,
+            "sample_shuffle": self.sample_shuffle, "shard_shuffle": self.shard_shuffle,
+            "resampled": self.resampled, "batches_per_epoch": self.batches_per_epoch,
+            "resolution": [getattr(policy, n, None) for n in ("min_pixels", "max_pixels", "max_side", "multiple")],
+            "max_length": self.decoder.max_length,
+        }
+
     def __len__(self) -> int:
         if self.batches_per_epoch is not None:
             return self.batches_per_epoch
@@ -158,15 +191,41 @@ class ShardStream(IterableDataset):
 
     # ---- streaming --------------------------------------------------------------------------------------
     def _pipeline(self, urls: list[str], rng: random.Random, skips: SkipCounter, resampled: bool = False):
-        """Shards -> raw samples -> shuffle buffer -> decoded samples -> bucketed lists of samples."""
+        """Shards -> raw samples -> shuffle buffer -> decoded samples -> bucketed lists of samples.
+
+        While ``self._replay`` is active the decode stage yields header-only placeholders (:meth:`_resume_at`)."""
         if not urls:
             return iter(())
         dataset = wds.WebDataset(urls, resampled=resampled, shardshuffle=False, nodesplitter=None,
                                  workersplitter=None, handler=skips.handler, empty_check=False,
                                  seed=rng.randrange(2**31))
+        if resampled:  # webdataset's resampler seeds from the clock; this one from the stream's rng (replayable)
+            dataset.pipeline[0] = wds.ResampledShards(urls, seed=rng.randrange(2**31), worker_seed=_no_worker_seed,
+                                                      deterministic=True)
         if self.sample_shuffle > 1:
             dataset = dataset.shuffle(self.sample_shuffle, rng=random.Random(rng.randrange(2**31)))
-        return dataset.compose(partial(decode_stream, decoder=self.decoder, skips=skips), self.bucketer)
+        decode = partial(replay_decode, decoder=self.decoder, skips=skips, replay=self._replay,
+                         skipped_out=self._skipped_ids)
+        return dataset.compose(decode, self.bucketer)
+
+    def _resume_at(self, batches: Iterator[list]) -> Iterator[list]:
+        """Drop the batches training consumed before the checkpoint (replayed cheaply), then stream on."""
+        replay = self._replay
+        if replay.active:
+            self.skips.muted = True
+            log.info("worker %d of rank %d: replaying %d consumed batches", self._worker_id, self.rank, replay.batches)
+        replayed = replay.active
+        for batch in batches:
+            if replay.active:
+                replay.batches -= 1
+                self.skips.muted = replay.active
+                continue
+            if replayed:  # samples read while replaying may sit in later batches: decode them now
+                batch = materialize(batch, self.decoder, self.skips)
+                if not batch:
+                    continue
+            yield batch
+        self.skips.muted = False
 
     def _emit(self, batches: Iterator[list]) -> Iterator[dict]:
         """Collate, holding one batch back so the last one carries every skip counted up to the end."""
@@ -181,15 +240,22 @@ class ShardStream(IterableDataset):
     def _collate(self, samples: list) -> dict:
         batch = collate(samples, self.pad_token_id)
         batch["skips"] = self.skips.pop_new()
+        batch[STREAM_TAG] = {"worker": self._worker_id, "skipped": list(self._skipped_ids)}
+        self._skipped_ids.clear()
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
         epoch = self._epoch()
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+        plan = self.resume.get(worker) if epoch == self.resume_epoch else None
+        self._replay.batches, self._replay.skipped = (plan.batches, plan.skipped) if plan else (0, set())
+        self._worker_id = worker
+        self._skipped_ids.clear()
         if self.resampled:
             share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
-            yield from self._emit(iter(self._pipeline(self.urls, rng, self.skips, resampled=True).with_epoch(share)))
+            pipeline = self._pipeline(self.urls, rng, self.skips, resampled=True).with_epoch(share)
+            yield from self._emit(self._resume_at(iter(pipeline)))
             return
         shards = split_shards(self.infos, self.rank, self.world_size, num_workers, self.seed)[worker]
         position = {url: i for i, url in enumerate(self.urls)}
@@ -197,10 +263,10 @@ class ShardStream(IterableDataset):
         if self.shard_shuffle:
             rng.shuffle(urls)
         if not self.fixed_length:
-            yield from self._emit(self._pipeline(urls, rng, self.skips))
+            yield from self._emit(self._resume_at(iter(self._pipeline(urls, rng, self.skips))))
             return
         target = self.plan(num_workers)[self.rank][worker]
-        yield from self._emit(self._fixed_length(urls, rng, target))
+        yield from self._emit(self._resume_at(self._fixed_length(urls, rng, target)))
 
     def _fixed_length(self, urls: list[str], rng: random.Random, target: int) -> Iterator[list]:
         produced = 0
@@ -230,19 +296,72 @@ def _as_is(batch: dict) -> dict:
 
 
 class StreamLoader(DataLoader):
-    """DataLoader over a :class:`ShardStream`: bumps the stream's epoch and adds up the batches' skips."""
+    """DataLoader over a :class:`ShardStream`: bumps the stream's epoch, adds up the batches' skips, and holds
+    the stream's position for checkpoints.
 
-    def __init__(self, stream: ShardStream, skips: SkipCounter, **kwargs) -> None:
+    The DataModule saves :meth:`stream_state` into every checkpoint and hands it to :meth:`load_stream_state`
+    when resuming, before the first batch. (Not through Lightning's own loader-state hooks, ``state_dict`` on
+    the loader: the fit loop skips restoring those when the training loader was built before the loops were
+    restored, which ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` does.) The position counts
+    what training consumed
+    (:meth:`consume`, called by the DataModule for each batch the model is about to train on), not what the
+    workers or Lightning's prefetch had read, so samples in flight at the checkpoint are trained after a resume.
+    """
+
+    def __init__(self, stream: ShardStream, skips: SkipCounter, allow_restart: bool = False, **kwargs) -> None:
         super().__init__(stream, batch_size=None, collate_fn=_as_is, **kwargs)
         stream.num_workers = max(1, self.num_workers)
         self.skips = skips
+        self.settings = {**stream.settings(), "num_workers": self.num_workers}
+        self.allow_restart = allow_restart
+        self.tally = Tally()
+        self.restored = False  # a stream state from a checkpoint was applied
+        self.warned = False
 
     def __iter__(self):
         with self.dataset.epoch.get_lock():
             self.dataset.epoch.value += 1
+            epoch = self.dataset.epoch.value
+        if self.tally.epoch != epoch:
+            self.tally = Tally(epoch)
         for batch in super().__iter__():
             self.skips.update(batch.get("skips", {}))
             yield batch
+
+    def consume(self, batch: dict) -> None:
+        """Count ``batch`` as trained on: its worker's position moves one batch on."""
+        tag = batch.pop(STREAM_TAG, None)
+        if tag is not None:
+            self.tally.consume(tag, batch.get("skips", {}))
+
+    def stream_state(self) -> dict:
+        """Every rank's position (ranks gather theirs: Lightning calls this on all ranks, rank 0 writes)."""
+        return {"version": STATE_VERSION, "settings": self.settings, "ranks": gather(self.tally.as_dict())}
+
+    def load_stream_state(self, state: dict) -> None:
+        """Make the next epoch start where the checkpoint's training stopped; a settings change is an error
+        naming the setting (with ``allow_restart``, a warning, and the stream restarts its epoch)."""
+        problems = [] if state.get("version") == STATE_VERSION else [
+            f"ckpt_path: its data stream state has version {state.get('version')!r}, this version reads "
+            f"{STATE_VERSION}"]
+        problems = problems or mismatches(state.get("settings", {}), self.settings)
+        if not problems and len(state["ranks"]) <= self.dataset.rank:
+            problems = [mismatches({"world_size": len(state["ranks"])}, {"world_size": self.dataset.world_size})[0]]
+        if problems:
+            if not self.allow_restart:
+                raise SettingsError(f"{problems[0]}; resume with the checkpoint's data settings, or pass "
+                                    "--data.allow_restart true to restart the epoch's data stream")
+            log.warning("resume: %s; data.allow_restart is set, so the data stream restarts its epoch "
+                        "(samples before the checkpoint are trained again)", "; ".join(problems))
+            self.warned = True
+            return
+        tally = Tally.from_dict(state["ranks"][self.dataset.rank])
+        self.dataset.resume, self.dataset.resume_epoch = tally.replays(), tally.epoch
+        self.dataset.epoch.value = tally.epoch - 1  # the next __iter__ is the checkpoint's epoch
+        self.tally, self.restored = tally, True
+        self.skips.update(tally.skips)
+        log.info("resume: rank %d continues epoch %d after %d consumed batches", self.dataset.rank, tally.epoch,
+                 sum(tally.batches.values()))
 
 
 class UHDDataModule(L.LightningDataModule):
@@ -289,6 +408,7 @@ class UHDDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.1,
         synthetic_root: str = "data/synthetic",
         synthetic: dict | None = None,
+        allow_restart: bool = False,
     ) -> None:
         """Shard specs, tokenizer, resolution policy, token budget and loader settings (see the class doc).
 
@@ -302,6 +422,8 @@ class UHDDataModule(L.LightningDataModule):
         ``synthetic`` (the earlier dict of per-split generator settings) is gone; only ``null`` is accepted.
         When the module trains with a LightningModule whose model has ``num_image_tokens`` (LlavaUHD), the
         tokenizer, resolution policy and token counter are taken from that model (:meth:`bind_model`).
+        ``allow_restart``: resume from a checkpoint whose data stream was saved under other data settings by
+        restarting the epoch's stream (with a warning) instead of failing.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "image_token_fn"])
@@ -309,6 +431,8 @@ class UHDDataModule(L.LightningDataModule):
         self.policy = ResolutionPolicy(min_pixels, max_pixels, max_side, multiple=pixels_per_token)
         self.image_token_fn = image_token_fn or GridTokens(pixels_per_token)
         self.counter = SkipCounter()
+        self._train_loader: StreamLoader | None = None
+        self._stream_state: dict | None = None  # from a checkpoint, for the next training loader
 
     def bind_model(self, model) -> None:
         """Take tokenizer, resolution policy and image-token counter from a :class:`LlavaUHD`, so that the
@@ -435,11 +559,47 @@ class UHDDataModule(L.LightningDataModule):
             batches_per_epoch=hp.batches_per_epoch if train else hp.eval_batches,
         )
         workers = hp.num_workers
-        return StreamLoader(stream, self.counter, num_workers=workers, pin_memory=hp.pin_memory,
-                            persistent_workers=hp.persistent_workers and workers > 0)
+        return StreamLoader(stream, self.counter, allow_restart=hp.allow_restart, num_workers=workers,
+                            pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers and workers > 0)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Lightning calls this for the batch it is about to train on (not for prefetched ones): the training
+        loader counts it as consumed. Other loaders' batches only lose their stream tag."""
+        trainer = self.trainer
+        train = self._train_loader if trainer is not None and trainer.training else None
+        if isinstance(batch, dict) and isinstance(train, StreamLoader):
+            if not train.restored and not train.warned and train.tally.batches == {}:
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+                if done > 0:  # resumed mid-epoch from a checkpoint that holds no stream state
+                    log.warning("resume: the checkpoint holds no data stream position (saved by an older version); "
+                                "the stream restarts its epoch, so its first %d batches are trained again", done)
+                train.warned = True
+            train.consume(batch)
+        elif isinstance(batch, dict):
+            batch.pop(STREAM_TAG, None)
+        return batch
 
     def train_dataloader(self) -> StreamLoader:
-        return self._loader(self.hparams.train_shards, train=True)
+        self._train_loader = self._loader(self.hparams.train_shards, train=True)
+        self._apply_stream_state()
+        return self._train_loader
+
+    # ---- checkpointed stream position (see datamodules.stream_state) --------------------------------------------
+    def state_dict(self) -> dict:
+        """Lightning saves this in every checkpoint (on every rank; the ranks gather their positions)."""
+        loader = self._train_loader
+        return {"train_stream": loader.stream_state()} if isinstance(loader, StreamLoader) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Lightning calls this on resume, before the first training batch (and before or after the training
+        loader is built)."""
+        self._stream_state = state.get("train_stream")
+        self._apply_stream_state()
+
+    def _apply_stream_state(self) -> None:
+        if self._stream_state is not None and isinstance(self._train_loader, StreamLoader):
+            self._train_loader.load_stream_state(self._stream_state)
+            self._stream_state = None
 
     def val_dataloader(self):
         """The val shards' loader; with ``val_tsv`` (a VLMEvalKit benchmark TSV, see ``datamodules.tsv``) that

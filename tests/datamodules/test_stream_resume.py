@@ -1,0 +1,145 @@
+"""The training stream's position survives a checkpoint: a loader given ``stream_state()`` yields exactly the
+batches an uninterrupted epoch would have yielded after the cut (same samples, same buckets), in-flight batches
+included, and nothing before it. Settings that would change the order are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.datamodule import UHDDataModule
+from datamodules.synthetic import write_synthetic
+from llava_uhd.errors import SettingsError
+
+from .conftest import SMALL, conversation, write_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """40 shape grids of many sizes in 5 shards, plus one shard holding a corrupt image (a skipped sample)."""
+    out = tmp_path_factory.mktemp("resume_shards")
+    write_synthetic("shapegrid", 40, str(out), seed=3, min_side=32, max_side=160, shard_size=8)
+    bad = tmp_path_factory.mktemp("resume_bad")
+    write_shards(bad, [{"__key__": "junk", "jpg": b"\xff\xd8\xffjunk", "json": conversation()}], sizes=[[(64, 64)]])
+    return [str(out), str(bad / "shard-000000.tar")]
+
+
+def make(shards, tokenizer, **overrides):
+    settings = {**SMALL, "sample_shuffle": 8, "batch_token_budget": 96, "max_batch_size": 3, "seed": 5, **overrides}
+    return UHDDataModule(train_shards=shards, tokenizer=tokenizer, **settings).train_dataloader()
+
+
+def consume(loader, n: int | None = None, fetch_ahead: int = 0) -> list[tuple]:
+    """Train-like consumption: fetch ``fetch_ahead`` batches more than are consumed (Lightning's prefetch)."""
+    taken, pending = [], []
+    for batch in loader:
+        pending.append(batch)
+        if len(pending) > fetch_ahead:
+            if n is not None and len(taken) == n:
+                break
+            first = pending.pop(0)
+            loader.consume(first)
+            taken.append(tuple(first["keys"]))
+    if n is None:
+        for batch in pending:
+            loader.consume(batch)
+            taken.append(tuple(batch["keys"]))
+    return taken
+
+
+def roundtrip(state: dict) -> dict:
+    """Through ``torch.save`` / ``torch.load(weights_only=True)``, as a checkpoint file carries it."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+CASES = {
+    "buckets": {},
+    "packed": {"packed": True},
+    "two_workers": {"num_workers": 2, "persistent_workers": True},
+    "resampled": {"resampled": True, "batches_per_epoch": 9},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resumed_epoch_is_the_uninterrupted_one(shards, tokenizer, case):
+    overrides = CASES[case]
+    reference = consume(make(shards, tokenizer, **overrides))
+    keys = [k for batch in reference for k in batch]
+    if not overrides.get("resampled"):
+        assert sorted(keys) == sorted(f"shapegrid{i:08d}" for i in range(40))  # every sample once
+    cut = len(reference) // 2
+    first = make(shards, tokenizer, **overrides)
+    before = consume(first, cut, fetch_ahead=2)  # two batches in flight at the checkpoint
+    state = roundtrip(first.stream_state())
+    resumed = make(shards, tokenizer, **overrides)
+    resumed.load_stream_state(state)
+    after = consume(resumed)
+    order = sorted if overrides.get("num_workers") else list  # workers may interleave differently after a restart
+    assert order(before + after) == order(reference)
+    assert order(consume(resumed)) == order(consume(make_epoch_two(shards, tokenizer, overrides)))  # next epoch
+
+
+def make_epoch_two(shards, tokenizer, overrides):
+    loader = make(shards, tokenizer, **overrides)
+    consume(loader)
+    return loader
+
+
+def test_skips_before_the_checkpoint_are_counted_once(shards, tokenizer):
+    first = make(shards, tokenizer, shard_shuffle=False)
+    batches = consume(first)
+    assert first.skips.as_dict() == {"corrupt_image": 1}
+    first = make(shards, tokenizer, shard_shuffle=False)
+    consume(first, len(batches) - 1)  # the junk shard is last: its skip came before the last batch
+    resumed = make(shards, tokenizer, shard_shuffle=False)
+    resumed.load_stream_state(roundtrip(first.stream_state()))
+    assert resumed.skips.as_dict() == {"corrupt_image": 1}  # restored from the checkpoint
+    consume(resumed)
+    assert resumed.skips.as_dict() == {"corrupt_image": 1}  # and not counted again by the replay
+
+
+@pytest.mark.parametrize(("change", "setting"), [
+    ({"max_batch_size": 4}, "data.max_batch_size"),
+    ({"seed": 6}, "data.seed"),
+    ({"packed": True}, "data.packed"),
+    ({"num_workers": 1}, "data.num_workers"),
+])
+def test_other_data_settings_are_refused_by_name(shards, tokenizer, change, setting):
+    first = make(shards, tokenizer)
+    consume(first, 3)
+    state = first.stream_state()
+    with pytest.raises(SettingsError, match=f"^{setting}: .*--data.allow_restart true"):
+        make(shards, tokenizer, **change).load_stream_state(state)
+    restarted = make(shards, tokenizer, **change, allow_restart=True)
+    restarted.load_stream_state(state)  # a warning, and the epoch's stream starts over
+    assert sorted(k for batch in consume(restarted) for k in batch) == sorted(f"shapegrid{i:08d}" for i in range(40))
+
+
+def test_other_shards_are_refused(shards, tokenizer):
+    first = make(shards, tokenizer)
+    consume(first, 2)
+    with pytest.raises(SettingsError, match="^data.train_shards: .*6 shards, this run has 5 shards"):
+        make(shards[:1], tokenizer).load_stream_state(first.stream_state())
+
+
+def test_replay_decodes_no_image_before_the_cut(shards, tokenizer, monkeypatch):
+    """Batches consumed before the checkpoint are replayed from image headers: the decoder runs only for samples
+    trained after the resume (plus the corrupt one, if it comes after the cut)."""
+    from datamodules.samples import SampleDecoder
+
+    first = make(shards, tokenizer)
+    before = consume(first, 6)
+    state = first.stream_state()
+    calls = []
+    real = SampleDecoder.__call__
+    monkeypatch.setattr(SampleDecoder, "__call__", lambda self, raw: calls.append(raw["__key__"]) or real(self, raw))
+    resumed = make(shards, tokenizer)
+    resumed.load_stream_state(state)
+    after = [k for batch in consume(resumed) for k in batch]
+    assert sorted(after + [k for batch in before for k in batch]) == sorted(f"shapegrid{i:08d}" for i in range(40))
+    assert set(after) <= set(calls) <= set(after) | {"junk"} and len(calls) == len(set(calls))
