@@ -176,3 +176,56 @@ def test_rope_tables_are_cached_per_grid_and_level():
         model([torch.randn(3, 80, 80), torch.randn(3, 40, 120)])
     keys = sorted((grid, levels) for grid, levels, _ in model._rope_cache)
     assert keys == [((1, 3), 0), ((2, 2), 0), ((2, 6), 1), ((4, 4), 1), ((4, 12), 2), ((8, 8), 2)]
+
+
+FSDP2_SCRIPT = r'''
+import copy, os, socket, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+
+def worker(rank, port, root):
+    sys.path.insert(0, root)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    from tests.vision.test_rope import moonvit_tiny
+    ref = moonvit_tiny().train()
+    model = copy.deepcopy(ref)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(5)  # the same images on both ranks: averaged gradients equal one rank's
+    images = [torch.randn(3, 80, 80), torch.randn(3, 40, 120)]
+    ref(images).tokens.square().mean().backward()
+    out = model(images).tokens
+    out.square().mean().backward()
+    assert model.blocks[0].attn.qkv.weight.to_local().shape[0] == 192 // 2  # really sharded
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(images).tokens, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), ref.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=2)
+    print("fsdp2 ok")
+'''
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_rope_under_fsdp2_with_checkpointing_matches_unsharded(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "fsdp2_rope.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and "fsdp2 ok" in run.stdout, run.stderr[-3000:]
