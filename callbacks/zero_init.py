@@ -5,6 +5,10 @@ keeps its random init, so the gate's gradient is non-zero from the first backwar
 public code does) also gives exact average pooling at step 0, but then the hidden layer is GELU(0) = 0 and
 every gate gradient is identically zero: the gate never leaves average pooling, silently. This callback
 fails the run at the first step in either case, naming the module.
+
+The released LLaVA-UHD v3's loader zeroes every WTC parameter, so a loaded release holds such dead gates. When
+its gates are to train (a fine-tune of the release), the check names that case at fit start and points to
+``--model.reinit_wtc_gate true``, which re-initialises them the product's way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,21 @@ log = logging.getLogger(__name__)
 
 class ZeroInitError(RuntimeError):
     """A content-adaptive WTC does not start as average pooling, or its gate gets no gradient."""
+
+
+DEAD_GATE_HINT = (
+    "the gate is fully zeroed (W1 and W2 all zero), as the released LLaVA-UHD v3 ships it: its hidden layer is "
+    "GELU(0) = 0 for every token, so it gets exactly zero gradient and stays average pooling for the whole run. "
+    "Pass --model.reinit_wtc_gate true to re-initialise the gates (W1 random, W2 and b2 zero: exact average "
+    "pooling at step 0 with a live gradient), or freeze the wtc part."
+)
+
+
+def is_dead_gate(wtc) -> bool:
+    """W1 = 0 and W2 = 0: the gate's logits are the same for the 4 positions, its softmax is flat and every gate
+    gradient is exactly zero (whatever the biases)."""
+    copy = local_copy(wtc)
+    return not bool(copy.fc1.weight.abs().sum() > 0) and not bool(copy.fc2.weight.abs().sum() > 0)
 
 
 class ZeroInitCheck(L.Callback):
@@ -67,6 +86,10 @@ class ZeroInitCheck(L.Callback):
         self._gradient_pending = []
         if self.check_gradient and "wtc" in getattr(pl_module, "trainable_parts", ("wtc",)):
             self._gradient_pending = [n for n, m in modules if m.fc2.weight.requires_grad]
+            dead = [n for n, m in modules if n in self._gradient_pending and is_dead_gate(m)]
+            if dead:
+                raise ZeroInitError(f"{', '.join(dead)}: the gate gradient is all zero from the first step: "
+                                    f"{DEAD_GATE_HINT}")
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._gradient_pending or getattr(pl_module, "skipping_step", False):
@@ -79,6 +102,9 @@ class ZeroInitCheck(L.Callback):
                 pending.append(name)
                 continue
             if not bool(full_tensor(grad).detach().abs().sum() > 0):
+                if is_dead_gate(modules[name]):
+                    raise ZeroInitError(f"{name}: the gate gradient is all zero after the first backward: "
+                                        f"{DEAD_GATE_HINT}")
                 raise ZeroInitError(
                     f"{name}: the gate gradient (fc2.weight.grad) is all zero after the first backward, so the gate "
                     "can never leave average pooling. Zero only fc2 (W2, b2) at init and keep fc1 (W1) random."

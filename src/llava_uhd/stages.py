@@ -11,7 +11,9 @@ A stage differs from another only in which parts train, which loss terms it uses
 Parts are named ``patch_embed`` (patch kernel + pos-embed), ``wtc``, ``vit`` (the rest of the encoder),
 ``projector`` and ``llm``. Freezing is done by ``callbacks.PreAlignmentFreeze`` from :attr:`frozen_parts`,
 before any strategy wraps the model. ``init_from`` loads weights only (a Lightning ``.ckpt`` or an exported
-model folder); resuming a run is the CLI's ``--ckpt_path``.
+model folder); resuming a run is the CLI's ``--ckpt_path``. With ``llm`` left empty, ``init_from`` names a model
+folder (ours or the LLaVA-format release) that gives the whole model: architecture, weights and tokenizer
+(``configs/release.yaml``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class UHDModule(L.LightningModule):
         llm_dtype: str | None = None,
         vision_markers: bool = False,
         init_from: str | None = None,
+        reinit_wtc_gate: bool = False,
         trainable: list[str] | None = None,
         lr: dict[str, float] | None = None,
         weight_decay: float = 0.0,
@@ -158,6 +161,9 @@ class UHDModule(L.LightningModule):
             llm_dtype: LLM weight dtype at load, e.g. ``bfloat16``.
             vision_markers: wrap image tokens in <|vision_start|>/<|vision_end|> in prompts.
             init_from: weights to start from (a previous stage's ``.ckpt`` or exported folder); not a resume.
+                With ``llm`` empty: a model folder (ours or a release) giving architecture, weights and tokenizer.
+            reinit_wtc_gate: after loading, re-initialise every content-adaptive WTC gate (W1 random, W2 and b2
+                zero): exact average pooling with a live gradient. The release's gates are all zero and never train.
             trainable: parts to train (default: the stage's); the others are frozen.
             lr: learning rate per part (merged over the stage's defaults).
             weight_decay: AdamW weight decay, applied to tensors with 2+ dims only.
@@ -181,16 +187,29 @@ class UHDModule(L.LightningModule):
         for key, value in overrides.items():
             if value is not None:
                 encoder_kwargs[key] = tuple(value) if key == "wtc_layers" else value
-        try:
-            self.model = build_llava_uhd(encoder, llm, tokenizer, projector, encoder_kwargs, llm_dtype, vision_markers)
-        except ValueError as err:  # name the CLI key for encoder settings rejected by the config dataclass
-            message = str(err)
-            for key in overrides:
-                if message.startswith(key):
-                    raise ValueError(f"model.{message}") from err
-            raise
-        if init_from:
-            self.load_weights(init_from)
+        if init_from and not llm:  # the folder is the whole model (ours or a release)
+            if not Path(init_from).is_dir():
+                raise FileNotFoundError(f"model.init_from: with model.llm empty, a model folder is needed; "
+                                        f"no folder at {init_from!r}")
+            self.model = LlavaUHD.from_pretrained(init_from)
+            if llm_dtype:
+                self.model.llm.to(getattr(torch, llm_dtype))
+            log.info("model built from %s (encoder %s, projector %s)", init_from, self.model.config.encoder,
+                     self.model.config.projector)
+        else:
+            try:
+                self.model = build_llava_uhd(encoder, llm, tokenizer, projector, encoder_kwargs, llm_dtype,
+                                             vision_markers)
+            except ValueError as err:  # name the CLI key for encoder settings rejected by the config dataclass
+                message = str(err)
+                for key in overrides:
+                    if message.startswith(key):
+                        raise ValueError(f"model.{message}") from err
+                raise
+            if init_from:
+                self.load_weights(init_from)
+        if reinit_wtc_gate:
+            self.reinit_wtc_gates()
         self.trainable_parts = tuple(trainable if trainable is not None else self.default_trainable)
         unknown = set(self.trainable_parts) - set(PARTS)
         if unknown:
@@ -212,6 +231,19 @@ class UHDModule(L.LightningModule):
     def part_parameters(self, part: str) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs of one part, names relative to ``self.model``."""
         return [(n, p) for n, p in self.model.named_parameters() if part_of(n) == part]
+
+    def reinit_wtc_gates(self) -> list[str]:
+        """Fresh content-adaptive WTC gates (W1 random, b1 / W2 / b2 zero: exact average pooling, live gradient)."""
+        from llava_uhd.vision.pvc import WindowedTokenCompression
+
+        names = [n for n, m in self.model.named_modules()
+                 if isinstance(m, WindowedTokenCompression) and m.pooling == "content_adaptive"]
+        if not names:
+            raise ValueError("model.reinit_wtc_gate: the encoder has no content-adaptive WTC gate")
+        for name in names:
+            self.model.get_submodule(name).reset_parameters()
+        log.info("reinit_wtc_gate: %d WTC gates re-initialised (%s)", len(names), ", ".join(names))
+        return names
 
     def load_weights(self, path: str | Path) -> None:
         state = read_weights(path)
