@@ -259,3 +259,19 @@ def test_bad_inputs_give_one_clear_error_each(tmp_path, moonvit_folder):
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         load_encoder(sharded)
+
+
+def test_hf_siglip_folder_takes_heads_and_eps_from_its_nested_vision_config(tmp_path):
+    from .test_weights import hf_layout
+
+    ref = timm_reference()
+    state = hf_layout({k: v.contiguous() for k, v in ref.state_dict().items()})
+    config = {"model_type": "siglip", "vision_config": {"hidden_size": 64, "num_attention_heads": 2,
+                                                        "num_hidden_layers": 6, "layer_norm_eps": 1e-6}}
+    folder = write_folder(tmp_path / "hf", state, config)
+    model = load_encoder(folder)
+    assert (model.cfg.num_heads, model.cfg.norm_eps, model.load_report.format) == (2, 1e-6, "hf_siglip")
+    assert model.registry_name == "vit_gne_tiny_patch14_siglip"
+    image = torch.randn(1, 3, 56, 84)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image).tokens, ref.forward_features(image), atol=1e-5, rtol=0)
