@@ -10,6 +10,10 @@ same-size batch ``[B, 3, H, W]`` (dense) or a list of differently sized images, 
 tokens in one ``[N, C]`` sequence, linear layers over the whole pack, attention per image, no padding and
 no pack-wide mask. Tokens run window-major inside the encoder (see :func:`window_major_order`) and come
 out row-major on each image's final grid.
+
+The released ViT-UHD is built on Kimi-VL's MoonViT instead: the same class with ``rope="2d"`` (see
+:mod:`llava_uhd.vision.rope`), LayerNorm eps 1e-5 and a 64x64 pos table resampled without antialiasing
+(the ``*_moonvit`` entries; :func:`llava_uhd.vision.load_encoder` reads its folders).
 """
 
 from __future__ import annotations
