@@ -1,6 +1,6 @@
 """Synthetic benchmark data with exact answers: ShapeGrid, TextGrid and Caption.
 
-The pilot experiment's benchmark (after the paper's ShapeGrid): images of every size from ``min_side`` to
+General benchmark data (after the paper's ShapeGrid): images of every size from ``min_side`` to
 ``max_side`` pixels per side and aspect ratios from 1:4 to 4:1, each with one question whose answer is
 checked by exact match. ``meta`` records the task, question, answer and the grid position(s) involved.
 
@@ -10,7 +10,8 @@ checked by exact match. ``meta`` records the task, question, answer and the grid
 * ``caption``: a few shapes in a row. "Describe the scene." -> "a red circle, a blue square and a green
   star on a white background." (objects listed left to right).
 
-Deterministic: sample ``i`` depends only on ``(seed, i)``.
+Deterministic: sample ``i`` depends only on ``(seed, i)``. :func:`pilot_sample` draws the pilot experiment's
+fixed-layout tasks (``llava_uhd.bench.pilot``), built so that a slice cut runs through known cells.
 
     python -m datamodules.synthetic --task shapegrid --n 1000 --out data/shapegrid --seed 0
 """
@@ -21,6 +22,7 @@ import argparse
 import io
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -39,6 +41,8 @@ WORDS = (
     "candle rocket bridge silver winter garden forest yellow window spring orange butter"
 ).split()
 BACKGROUNDS = {"white": (255, 255, 255), "grey": (200, 200, 200), "beige": (240, 230, 200)}
+PILOT_SHAPE_PAD = 0.15
+"""Margin of a pilot shape inside its cell: a cell is *cut* when a slice boundary crosses the shape itself."""
 
 
 def _plural(shape: str) -> str:
@@ -61,7 +65,8 @@ def _grid(rng: np.random.Generator, height: int, width: int, cell_min: int = 48)
     return rows, cols
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour) -> None:
+    """Fill ``shape`` (one of ``SHAPES``) inside ``box`` (x0, y0, x1, y1), centred, as large as the box allows."""
     x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
     if shape == "circle":
@@ -82,7 +87,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
 
 
-def _cells(height: int, width: int, rows: int, cols: int, r: int, c: int, pad: float = 0.15):
+def cell_box(height: int, width: int, rows: int, cols: int, r: int, c: int, pad: float = 0.15):
+    """(x0, y0, x1, y1) of cell (r, c) of a ``rows x cols`` grid, ``pad`` of the cell left free on every side."""
     ch, cw = height / rows, width / cols
     return (c * cw + pad * cw, r * ch + pad * ch, (c + 1) * cw - pad * cw, (r + 1) * ch - pad * ch)
 
@@ -97,10 +103,10 @@ def shapegrid(rng: np.random.Generator, height: int, width: int) -> tuple[Image.
         for c in range(cols):
             if rng.random() < 0.75:
                 grid[(r, c)] = (names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))])
-                _draw_shape(draw, grid[(r, c)][1], _cells(height, width, rows, cols, r, c), COLOURS[grid[(r, c)][0]])
+                draw_shape(draw, grid[(r, c)][1], cell_box(height, width, rows, cols, r, c), COLOURS[grid[(r, c)][0]])
     if not grid:
         grid[(0, 0)] = ("red", "circle")
-        _draw_shape(draw, "circle", _cells(height, width, rows, cols, 0, 0), COLOURS["red"])
+        draw_shape(draw, "circle", cell_box(height, width, rows, cols, 0, 0), COLOURS["red"])
     meta = {"rows": rows, "cols": cols}
     if rng.random() < 0.6:
         (r, c), (colour, shape) = sorted(grid.items())[rng.integers(len(grid))]
@@ -159,12 +165,102 @@ def caption(rng: np.random.Generator, height: int, width: int) -> tuple[Image.Im
         colour, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
         size = min(slot, height) * rng.uniform(0.4, 0.8)
         cx, cy = (i + 0.5) * slot, rng.uniform(size / 2, height - size / 2)
-        _draw_shape(draw, shape, (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), COLOURS[colour])
+        draw_shape(draw, shape, (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), COLOURS[colour])
         objects.append({"colour": colour, "shape": shape, "col": i + 1})
     phrases = [f"a {o['colour']} {o['shape']}" for o in objects]
     listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     answer = f"{listed} on a {background} background."
     return image, "Describe the scene.", answer, {"kind": "caption", "objects": objects, "background": background}
+
+
+@dataclass(frozen=True)
+class PilotData:
+    """The pilot's fixed ShapeGrid layout: square images of ``min_side..max_side`` px, a ``grid x grid`` layout.
+
+    With the default 224 px and a 3x3 grid, the tiny slice-based encoder's 2x2 slices of 112 px meet at the
+    image's middle lines, which run through the centres of the middle row and column: those 5 cells hold shapes
+    centred on a slice cut, the 4 corner cells hold shapes that lie inside one slice.
+    """
+
+    grid: int = 3
+    min_side: int = 224
+    max_side: int = 224
+    train: int = 1536
+    test: int = 360
+    seed: int = 0
+    quality: int = 90
+    question: str = "where"
+    """The task, one of ``PILOT_QUESTIONS`` (see :func:`pilot_sample`)."""
+    question_first: bool = True
+    """Put the question before the image in the prompt, so that image tokens can attend to it (causal LLM)."""
+
+
+PILOT_QUESTIONS = ("where", "kind", "position", "marked")
+PILOT_SPLITS = ("train", "test")
+WHERE_QUESTION = "Where is the shape? Answer with its row and column."
+KIND_QUESTION = f"Which shape is it? Answer with one of: {', '.join(SHAPES)}."
+
+
+def pilot_sample(index: int, seed: int, spec: PilotData, split: str = "train"):
+    """(PIL image, prompt, answer, meta) of sample ``index`` of the pilot task ``spec.question``.
+
+    A pure function of its arguments; ``split`` keeps train and held-out samples of one seed apart.
+
+    - ``where``: one shape (random colour and kind) in a random cell; the answer is its place, "row 2, column 3".
+    - ``kind``: one shape in a random cell; the answer is its kind ("star"). In a cut cell (see
+      :class:`PilotData`) the shape sits across the slice cut, so each slice holds only part of its outline:
+      the kind is what a cut destroys, the colour would survive it.
+    - ``position``: every cell filled, the question names a cell, the answer is that shape's colour.
+    - ``marked``: every cell filled, the asked cell framed in black (no black shapes then), answer its colour.
+
+    The prompt holds ``<image>``, after the question when ``question_first``.
+    """
+    if spec.question not in PILOT_QUESTIONS:
+        raise ValueError(f"question: unknown {spec.question!r}; choose one of {PILOT_QUESTIONS}")
+    if split not in PILOT_SPLITS:
+        raise ValueError(f"split: unknown {split!r}; choose one of {PILOT_SPLITS}")
+    rng = np.random.default_rng([seed, 7919, PILOT_SPLITS.index(split), index])
+    side = int(rng.integers(spec.min_side, spec.max_side + 1))
+    image = Image.new("RGB", (side, side), BACKGROUNDS["white"])
+    draw = ImageDraw.Draw(image)
+    colours = [c for c in COLOURS if spec.question != "marked" or c != "black"]
+    grid, cells = spec.grid, {}
+    filled = [(r, c) for r in range(grid) for c in range(grid)]
+    if spec.question in ("where", "kind"):
+        filled = [filled[rng.integers(len(filled))]]
+    for r, c in filled:
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        cells[(r, c)] = (colour, shape)
+        draw_shape(draw, shape, cell_box(side, side, grid, grid, r, c, PILOT_SHAPE_PAD), COLOURS[colour])
+    if spec.question in ("where", "kind"):
+        (r, c), (colour, shape) = next(iter(cells.items()))
+        if spec.question == "where":
+            question, answer = WHERE_QUESTION, f"row {r + 1}, column {c + 1}"
+        else:
+            question, answer = KIND_QUESTION, shape
+    else:
+        r, c = int(rng.integers(grid)), int(rng.integers(grid))
+        answer = cells[(r, c)][0]
+        if spec.question == "marked":
+            draw.rectangle(cell_box(side, side, grid, grid, r, c, 0.05), outline=COLOURS["black"],
+                           width=max(2, side // 60))
+            question = "What colour is the shape in the black frame?"
+        else:
+            question = f"What colour is the shape at row {r + 1}, column {c + 1}?"
+    question = f"{question}\n<image>" if spec.question_first else f"<image>\n{question}"
+    meta = {"task": "shapegrid", "kind": spec.question, "rows": grid, "cols": grid, "row": r + 1, "col": c + 1,
+            "height": side, "width": side, "colour": cells[(r, c)][0], "shape": cells[(r, c)][1],
+            "question": question, "answer": answer}
+    return image, question, answer, meta
+
+
+def pilot_chance(spec: PilotData) -> float:
+    """Accuracy of guessing: one of grid^2 places, one of the shape kinds, or one of the colours."""
+    if spec.question == "where":
+        return 1 / spec.grid**2
+    if spec.question == "kind":
+        return 1 / len(SHAPES)
+    return 1 / (len(COLOURS) - (spec.question == "marked"))
 
 
 GENERATORS = {"shapegrid": shapegrid, "textgrid": textgrid, "caption": caption}

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from llava_uhd.bench.__main__ import main
@@ -21,24 +22,33 @@ def test_every_overlay_sets_one_encoder_setting():
             assert list(overlay["model"]["init_args"]) == [keys[set_name]], name
 
 
-def test_ablate_pooling_writes_one_row_per_config(tmp_path):
-    out = tmp_path / "out"
-    args = [
-        "ablate", "--set", "pooling", "--steps", "2", "--out", str(out), "--runs", str(tmp_path / "runs"),
-        "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tokenizer"),
+def args(tmp_path, *extra):
+    return [
+        "ablate", "--set", "pooling", "--configs", "pooling_avg", "--steps", "2", "--out", str(tmp_path / "out"),
+        "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tok"),
         "--grid", "2", "--min-side", "112", "--max-side", "112", "--train-samples", "16", "--test-samples", "2",
-        "--fit-arg=--trainer.enable_progress_bar=false", "--fit-arg=--trainer.enable_model_summary=false",
+        "--fit-arg=--trainer.enable_progress_bar=false", "--fit-arg=--trainer.enable_model_summary=false", *extra,
     ]
-    assert main(args) == 0
-    for suffix in ("csv", "json", "md", "png"):
-        assert (out / f"ablate_pooling.{suffix}").is_file(), suffix
-    assert (out / "ablate_pooling_loss.png").is_file()
-    with open(out / "ablate_pooling.csv") as f:
+
+
+@pytest.mark.slow
+def test_ablate_writes_a_row_per_config_with_cost_and_seed_records(tmp_path):
+    out = tmp_path / "out"
+    assert main(args(tmp_path)) == 0
+    stem = "ablate_pooling_where"
+    for suffix in (".csv", "_seeds.csv", ".json", ".md", ".png", "_loss.png"):
+        assert (out / f"{stem}{suffix}").is_file(), suffix
+    with open(out / f"{stem}.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["config"] for r in rows] == list(SETS["pooling"])
-    assert [r["pooling"] for r in rows] == ["avg", "content_adaptive", "pixel_unshuffle"]
-    assert all(float(r["encoder_gflops"]) > 0 and int(r["image_tokens"]) > 0 for r in rows)
-    assert all(r["learned_at_step"] == "" for r in rows)  # 2 steps: nothing learned (and no loss logged)
-    info = json.loads((out / "ablate_pooling.json").read_text())
-    assert len(info["results"]) == 3
-    assert info["chance"] == 1 / 4  # "where" on a 2x2 grid
+    assert [r["name"] for r in rows] == ["pooling_avg"] and rows[0]["pooling"] == "avg"
+    assert float(rows[0]["encoder_gflops"]) > 0 and int(rows[0]["image_tokens"]) > 0
+    assert rows[0]["learned_runs"] == "0"  # 2 steps: nothing learned, counted as such
+    info = json.loads((out / f"{stem}.json").read_text())
+    assert info["chance"] == 1 / 4 and info["seeds"] == [0]  # "where" on a 2x2 grid, one seed by default
+    record = json.loads((out / "runs" / stem / "pooling_avg_seed0.json").read_text())
+    assert record["set"] == "pooling" and record["seed"] == 0 and record["config_hash"] and record["commit"]
+
+
+def test_ablate_rejects_a_config_outside_the_set(tmp_path, capsys):
+    assert main(args(tmp_path, "--configs", "patch10")) == 2
+    assert "patch10 not in set pooling" in capsys.readouterr().err

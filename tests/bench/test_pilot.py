@@ -1,4 +1,4 @@
-"""The pilot command end to end on tiny data (2 steps per encoder), and the slice-boundary geometry it reports."""
+"""The pilot command end to end on tiny data (seeds, --reuse, determinism), and the slice-cut geometry it reports."""
 
 import csv
 import json
@@ -6,42 +6,76 @@ import json
 import numpy as np
 import pytest
 
+from datamodules.synthetic import PILOT_SHAPE_PAD, SHAPES, cell_box
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.pilot import ENCODERS, PilotData, chance, cut_mask, learned_at, loss_curve, pilot_sample
+from llava_uhd.bench.pilot import PilotData, chance, cut_by_slices, cut_mask, learned_at, loss_curve, pilot_sample
 
 
 def tiny_args(tmp_path, *extra):
     return [
-        "pilot", "--steps", "2", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
-        "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tokenizer"),
+        "pilot", "--steps", "3", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+        "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tokenizer"), "--encoders", "pvc",
         "--grid", "2", "--min-side", "112", "--max-side", "120", "--train-samples", "16", "--test-samples", "4",
-        "--fit-arg=--trainer.enable_progress_bar=false", "--fit-arg=--trainer.enable_model_summary=false", *extra,
+        "--seeds", "2", "--jobs", "2", "--fit-arg=--trainer.log_every_n_steps=1",
+        "--fit-arg=--trainer.enable_model_summary=false", *extra,
     ]
 
 
-def test_pilot_writes_one_row_and_one_heatmap_per_encoder(tmp_path):
-    assert main(tiny_args(tmp_path)) == 0
-    out = tmp_path / "out"
-    for name in ("pilot.csv", "pilot_cells.csv", "pilot.json", "pilot.md", "pilot.png", "pilot_loss.png"):
-        assert (out / name).is_file(), name
-    with open(out / "pilot.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["encoder"] for r in rows] == list(ENCODERS)
-    assert [r["projector"] for r in rows] == ["merger", "merger", "mlp"]
-    assert all(int(r["steps"]) == 2 and int(r["questions"]) == 4 for r in rows)
-    info = json.loads((out / "pilot.json").read_text())
-    for name in ENCODERS:
-        assert np.asarray(info["cells"][name], dtype=float).shape == (2, 2)
-    assert len((out / "pilot.md").read_text().splitlines()) == 2 + len(ENCODERS)
+def result(tmp_path, seed):
+    return json.loads((tmp_path / "runs" / "where" / "pvc" / f"seed{seed}" / "result.json").read_text())
 
-    # a second call with --reuse evaluates the saved runs instead of training again
-    before = {name: json.loads(next((tmp_path / "runs" / name).glob("*/pilot_train.json")).read_text())
-              for name in ("gne",)}
-    assert main(tiny_args(tmp_path, "--reuse", "--encoders", "gne", "--out", str(tmp_path / "again"))) == 0
-    with open(tmp_path / "again" / "pilot.csv") as f:
-        again = list(csv.DictReader(f))
-    assert [r["encoder"] for r in again] == ["gne"]
-    assert float(again[0]["train_s"]) == pytest.approx(before["gne"]["train_s"], abs=0.1)
+
+@pytest.mark.slow
+def test_pilot_seeds_reuse_and_identical_losses(tmp_path, capsys, monkeypatch):
+    # other work may commit while this runs: pin the code version the runs are checked against
+    version = {"commit": "c" * 40, "dirty": False, "diff_sha": ""}
+    monkeypatch.setattr("llava_uhd.bench.pilot.code_version", lambda: version)
+    assert main(tiny_args(tmp_path)) == 0  # two seeds side by side
+    out = tmp_path / "out"
+    for name in ("pilot_where.csv", "pilot_where_seeds.csv", "pilot_where_cells.csv", "pilot_where.json",
+                 "pilot_where.md", "pilot_where.png", "pilot_where_spread.png", "pilot_where_loss.png"):
+        assert (out / name).is_file(), name
+    with open(out / "pilot_where.csv") as f:
+        arms = list(csv.DictReader(f))
+    assert [a["name"] for a in arms] == ["pvc"] and arms[0]["seeds"] == "2"
+    with open(out / "pilot_where_seeds.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+    first = [result(tmp_path, seed) for seed in (0, 1)]
+    for seed, record in enumerate(first):
+        assert record["commit"] == "c" * 40 and len(record["config_hash"]) == 16 and record["threads"] == 1
+        assert record["seed"] == seed and record["questions"] == 4 and not record["reused"]
+        assert len(record["loss_curve"]) == 3 and record["train_s"] > 0
+        copy = json.loads((out / "runs" / "pilot_where" / f"pvc_seed{seed}.json").read_text())
+        assert copy["config_hash"] == record["config_hash"]
+    assert first[0]["config_hash"] != first[1]["config_hash"]  # the seed is a setting
+    assert first[0]["loss_curve"] != first[1]["loss_curve"]  # ... and changes the run
+
+    # matching commit and config hash: re-scored, not trained
+    capsys.readouterr()
+    assert main(tiny_args(tmp_path, "--reuse", "--jobs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "reuse pvc seed 0: reused" in err and "reuse pvc seed 1: reused" in err
+    assert result(tmp_path, 0)["reused"] and result(tmp_path, 0)["train_s"] == first[0]["train_s"]
+
+    # another commit (or another config hash, see test_runs): refused, trained again -> the same losses
+    version["commit"] = "d" * 40
+    assert main(tiny_args(tmp_path, "--reuse", "--seeds", "0", "0", "--jobs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "reuse pvc seed 0: refused, training again (recorded commit cccccccccc != current dddddddddd)" in err
+    again = result(tmp_path, 0)
+    assert not again["reused"] and again["commit"] == "d" * 40
+    assert again["loss_curve"] == first[0]["loss_curve"]  # bit-identical, step by step
+
+
+def test_bad_options_give_one_message(tmp_path, capsys):
+    assert main(tiny_args(tmp_path, "--seeds", "0")) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(tiny_args(tmp_path, "--min-side", "130")) == 2
+    assert "--min-side" in capsys.readouterr().err
+    for bad in (["--jobs", "0"], ["--seeds", "x"], ["--task", "wher"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(tiny_args(tmp_path, *bad))
+        assert exit_info.value.code == 2
 
 
 def test_sbe_slice_boundaries_cut_the_middle_row_and_column():
@@ -71,6 +105,35 @@ def test_where_samples_hold_one_shape_in_the_answered_cell():
     assert chance(spec) == pytest.approx(1 / 9)
 
 
+def test_kind_samples_put_the_shape_across_the_slice_cut_in_cut_cells():
+    spec = PilotData(grid=3, min_side=224, max_side=224, question="kind")
+    assert chance(spec) == pytest.approx(1 / len(SHAPES))
+    cut_line = 112  # the tiny SBE's 2x2 slices of 112 px meet here
+    seen = {True: 0, False: 0}
+    for index in range(40):
+        image, question, answer, meta = pilot_sample(index, 5, spec)
+        assert answer == meta["shape"] and answer in SHAPES and question.endswith("<image>")
+        ink = np.asarray(image.convert("L")) < 200
+        ys, xs = np.nonzero(ink)
+        cut = cut_by_slices(meta)
+        assert cut == (meta["row"] == 2 or meta["col"] == 2)
+        seen[cut] += 1
+        box = cell_box(224, 224, 3, 3, meta["row"] - 1, meta["col"] - 1, PILOT_SHAPE_PAD)
+        for centre_band, pixels, centre in ((meta["row"] == 2, ys, (box[1] + box[3]) / 2),
+                                            (meta["col"] == 2, xs, (box[0] + box[2]) / 2)):
+            if centre_band:
+                # the shape is centred on the cut and straddles it: a good part of its ink on either side
+                assert centre == pytest.approx(cut_line)
+                assert min((pixels < cut_line).mean(), (pixels >= cut_line).mean()) > 0.25
+            else:
+                assert pixels.max() < cut_line or pixels.min() >= cut_line  # inside one slice along this axis
+    assert seen[True] >= 10 and seen[False] >= 5
+    # train and held-out samples of one seed differ; the same arguments give the same image
+    train, test = pilot_sample(0, 5, spec, "train")[0], pilot_sample(0, 5, spec, "test")[0]
+    assert not np.array_equal(np.asarray(train), np.asarray(test))
+    assert np.array_equal(np.asarray(train), np.asarray(pilot_sample(0, 5, spec)[0]))
+
+
 def test_position_samples_are_deterministic_and_answer_the_colour():
     spec = PilotData(grid=3, min_side=224, max_side=224, question="position")
     image, question, answer, meta = pilot_sample(3, 0, spec)
@@ -93,6 +156,8 @@ def test_marked_samples_frame_the_asked_cell():
         assert pixels[y, x] < 80
     with pytest.raises(ValueError, match="question"):
         pilot_sample(0, 0, PilotData(question="count"))
+    with pytest.raises(ValueError, match="split"):
+        pilot_sample(0, 0, spec, "val")
 
 
 def test_learned_at_reads_the_logged_loss_and_needs_a_steady_drop(tmp_path):

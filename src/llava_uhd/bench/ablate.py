@@ -1,9 +1,10 @@
 """Ablations of PVC at CPU scale (paper section 4.4, Table 4): WTC pooling, WTC placement, RPE patch size.
 
-``python -m llava_uhd.bench ablate --set pooling|placement|patch|all [--steps N] [--out docs/ablations]``
+``python -m llava_uhd.bench ablate --set pooling|placement|patch|all [--seeds 3] [--jobs 2] [--steps N]``
 trains the pilot's PVC model (``configs/pilot/pvc.yaml``: tiny ViT-UHD + mlp projector + tiny Qwen2, stage
-3) once per overlay of the chosen set (``configs/ablations/<name>.yaml``), on the pilot's fixed-layout
-ShapeGrid data (``llava_uhd.bench.pilot``), and tabulates held-out exact-match accuracy against cost:
+3) once per overlay of the chosen set (``configs/ablations/<name>.yaml``) and seed, on the pilot's
+fixed-layout ShapeGrid data (``llava_uhd.bench.pilot``: seeds, ``--task``, ``--reuse`` and ``--jobs`` work
+as there), and tabulates held-out exact-match accuracy (mean and std over seeds) against cost:
 encoder FLOPs at the pilot image size (``llava_uhd.vision.report.encoder_flops``, counted on the meta
 device), visual tokens reaching the LLM, and training wall time.
 
@@ -14,8 +15,9 @@ Sets (tiny ViT: 6 blocks; the paper's SO400M has 27 with WTC after blocks 4 and 
   4.0 of 6 blocks, i.e. one early and one two-thirds-deep WTC), ``wtc_late`` [5, 6].
 - ``patch``: RPE patch ``patch14``, ``patch12``, ``patch10`` (the paper's), ``patch8``.
 
-Outputs in ``--out``: ``ablate_<set>.csv`` (one row per config), ``.json``, ``.md``, ``.png`` (accuracy vs
-encoder GFLOPs) and ``_loss.png`` (training loss per config; ``learned_at_step`` as in the pilot). The
+Outputs in ``--out``, ``<stem> = ablate_<set>_<task>``: ``<stem>.csv`` (one row per config), ``<stem>_seeds.csv``,
+``.json``, ``.md``, ``.png`` (accuracy vs encoder GFLOPs: per-seed points, mean +- std), ``_loss.png`` (training
+loss per run; ``learned_at_step`` as in the pilot) and ``runs/<stem>/<config>_seed<s>.json``. The
 paper's defaults appear once per set (``pooling_content_adaptive`` = ``wtc_paper`` = ``patch10``): each set
 trains its own run so that a set stands alone.
 """
@@ -23,31 +25,25 @@ trains its own run so that a set stands alone.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from llava_uhd.bench.pilot import (
     CONFIGS,
     add_shared_arguments,
     chance,
-    evaluate,
+    check,
     image_tokens,
     input_size,
-    learned_at,
-    loss_curve,
-    markdown_cell,
+    make_jobs,
     pilot_configs,
-    plot_losses,
+    positive,
     prepare,
-    train,
+    run_jobs,
 )
+from llava_uhd.bench.runs import RunError
 from llava_uhd.vision.report import encoder_flops
 
 SETS: dict[str, tuple[str, ...]] = {
@@ -72,76 +68,48 @@ def cost(model, side: int) -> dict:
             "input": f"{height}x{width}", "image_tokens": image_tokens(model, side), "encoder_gflops": flops / 1e9}
 
 
-def plot(rows: list[dict], title: str, path: Path, chance: float) -> None:
-    """Accuracy vs encoder GFLOPs, one colour per set, each point named."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.6))
-    ax = fig.subplots()
-    for index, name in enumerate(dict.fromkeys(r["set"] for r in rows)):
-        points = [r for r in rows if r["set"] == name]
-        ax.scatter([r["encoder_gflops"] for r in points], [r["accuracy"] for r in points], label=name,
-                   color=f"C{index}", s=40)
-        for r in points:
-            ax.annotate(r["config"], (r["encoder_gflops"], r["accuracy"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3f})")
-    ax.set_xlabel("encoder GFLOPs per image (meta device)")
-    ax.set_ylabel("held-out exact-match accuracy")
-    ax.set_ylim(0, 1.08)  # room for the labels of points at 1.0
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
-def write_outputs(out: Path, stem: str, rows: list[dict], info: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{stem}.json").write_text(json.dumps({**info, "results": rows}, indent=1))
-    keys = ["set", "config", "pooling", "wtc_layers", "patch", "input", "image_tokens", "encoder_gflops", "train_s",
-            "learned_at_step", "accuracy"]
-    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    for row in rows:
-        lines.append("| " + " | ".join(markdown_cell(row[k]) for k in keys) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, f"PVC ablations ({stem.removeprefix('ablate_')}), ShapeGrid {info['data']['grid']}x"
-               f"{info['data']['grid']} '{info['data']['question']}', {info['steps']} steps", out / f"{stem}.png",
-         info["chance"])
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", choices=[*SETS, "all"], default="pooling", dest="ablation")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per config")
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help="only these configs of the chosen set(s) (default: all), e.g. to re-run one")
+    parser.add_argument("--steps", type=positive, default=300, help="training steps per run")
     parser.add_argument("--out", default="docs/ablations")
-    parser.add_argument("--runs", default="runs/ablations")
+    parser.add_argument("--runs", default="runs/ablations", help="where the trained runs go (per task, config, seed)")
     add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, data = prepare(args)
-    names = [(s, n) for s in (SETS if args.ablation == "all" else [args.ablation]) for n in SETS[s]]
-    rows, curves, started = [], {}, time.perf_counter()
-    for set_name, name in names:
-        model, train_s, run_dir = train(ablation_configs(name), name, data, Path(args.runs), args.steps,
-                                        args.tokenizer, args.fit_arg, args.reuse, spec)
-        metric, split, _ = evaluate(model, spec, name)
-        values = metric.compute()
-        curves[name] = loss_curve(run_dir)
-        rows.append({"set": set_name, "config": name, **cost(model, spec.min_side), "steps": args.steps,
-                     "train_s": round(train_s, 1), "learned_at_step": learned_at(curves[name]),
-                     "accuracy": float(values["accuracy"]),
-                     "questions": int(values["count"]), "run": str(run_dir)})
-        print(f"ablate {name}: accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['encoder_gflops']:.3f} GFLOPs, "
-              f"train {train_s:.0f} s", file=sys.stderr)
-    info = {"command": "python -m llava_uhd.bench ablate " + " ".join(sys.argv[2:]), "steps": args.steps,
-            "data": asdict(spec), "chance": chance(spec), "total_s": round(time.perf_counter() - started, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
-    write_outputs(Path(args.out), f"ablate_{args.ablation}", rows, info)
-    plot_losses(curves, {}, f"PVC ablations ({args.ablation}): training loss, ShapeGrid {spec.grid}x{spec.grid} "
-                f"'{spec.question}'", Path(args.out) / f"ablate_{args.ablation}_loss.png")
-    print((Path(args.out) / f"ablate_{args.ablation}.md").read_text())
+    from llava_uhd.bench.report import write_ablate
+
+    problem = check(args)
+    if problem:
+        print(f"bench ablate: {problem}", file=sys.stderr)
+        return 2
+    sets = list(SETS) if args.ablation == "all" else [args.ablation]
+    known = [name for s in sets for name in SETS[s]]
+    unknown = [name for name in args.configs or [] if name not in known]
+    if unknown:
+        print(f"bench ablate: --configs: {', '.join(unknown)} not in set {args.ablation} ({', '.join(known)})",
+              file=sys.stderr)
+        return 2
+    try:
+        for task in args.tasks:
+            data = prepare(args, task)
+            spec = next(iter(data.values()))[0]
+            for set_name in sets:
+                names = [name for name in SETS[set_name] if not args.configs or name in args.configs]
+                if not names:
+                    continue
+                started = time.perf_counter()
+                jobs = make_jobs(args, names, ablation_configs, data, Path(args.runs) / task,
+                                 labels=lambda name, s=set_name: {"set": s}, flops=True)
+                records = run_jobs(jobs, args.reuse, args.jobs)
+                info = {"command": "python -m llava_uhd.bench " + " ".join(sys.argv[1:]), "set": set_name,
+                        "task": task, "steps": args.steps, "seeds": list(data), "jobs": args.jobs,
+                        "threads": args.threads, "data": asdict(spec), "chance": chance(spec),
+                        "total_s": round(time.perf_counter() - started, 1)}
+                write_ablate(Path(args.out), f"ablate_{set_name}_{task}", records, info)
+    except (RunError, OSError) as err:
+        print(f"bench ablate: {err}", file=sys.stderr)
+        return 1
     return 0
