@@ -490,6 +490,8 @@ def create_vit_uhd(
         raise TypeError(f"unknown ViT-UHD option(s) {sorted(unknown)}; valid: {sorted(cfg_fields)}")
     if pretrained and not pretrained_path:
         raise ValueError("pretrained=True needs pretrained_path= (a local file or folder): nothing is fetched")
+    if pretrained_path is not None and not str(pretrained_path).strip():
+        raise ValueError("pretrained_path is empty: give a local weights file or folder, or leave it out")
     defaults = dict(defaults or {})
     checkpoint_state = None
     if pretrained_path:
