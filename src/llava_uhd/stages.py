@@ -191,12 +191,18 @@ class UHDModule(L.LightningModule):
             if not Path(init_from).is_dir():
                 raise FileNotFoundError(f"model.init_from: with model.llm empty, a model folder is needed; "
                                         f"no folder at {init_from!r}")
-            self.model = LlavaUHD.from_pretrained(init_from)
+            try:
+                self.model = LlavaUHD.from_pretrained(init_from)
+            except (ValueError, OSError) as err:  # a folder that is not a model, a damaged release, ...
+                raise ValueError(f"model.init_from: {err}") from err
             if llm_dtype:
                 self.model.llm.to(getattr(torch, llm_dtype))
             log.info("model built from %s (encoder %s, projector %s)", init_from, self.model.config.encoder,
                      self.model.config.projector)
         else:
+            if not llm:
+                raise ValueError("model.llm: empty; give a local LLM directory, or a model folder as model.init_from "
+                                 "(configs/release.yaml)")
             try:
                 self.model = build_llava_uhd(encoder, llm, tokenizer, projector, encoder_kwargs, llm_dtype,
                                              vision_markers)
