@@ -228,6 +228,10 @@ def test_bad_inputs_give_one_clear_error_each(tmp_path, moonvit_folder):
     hand, folder = moonvit_folder
     with pytest.raises(FileNotFoundError, match="not found: .*nowhere"):
         load_encoder(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="not found: .*nowhere"):
+        timm.create_model("vit_uhd_tiny_patch10_moonvit", pretrained_path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="pretrained_path is empty"):
+        timm.create_model("vit_uhd_tiny_patch10_moonvit", pretrained_path="")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(moonvit_config(hand)))
     with pytest.raises(FileNotFoundError, match="no encoder weights in folder .*empty"):
