@@ -509,8 +509,9 @@ class UHDDataModule(L.LightningDataModule):
         reasons = ", ".join(f"{k}: {v}" for k, v in bad.items()) or "none"
         spec = self.hparams.train_shards
         if used == 0:
-            raise SettingsError(f"data.train_shards: no usable training sample in {spec!r} (skipped {total}: "
-                                f"{reasons}); nothing was trained")
+            counted = f"skipped {total}: {reasons}" if total else "the loader delivered no batch to count skips by"
+            raise SettingsError(f"data.train_shards: no usable training sample in {spec!r} ({counted}); nothing "
+                                "was trained")
         share = total / (used + total)
         if share > self.hparams.max_skip_fraction:
             raise SettingsError(f"data.train_shards: {total} of {used + total} samples skipped ({share:.0%} > "

@@ -1,0 +1,135 @@
+"""Training CLI mistakes: each ends in one message naming the setting, a non-zero exit, no traceback, and
+nothing written where it should not be (no generated data in a typed path, no checkpoint from an empty run)."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from datamodules import ShardSetWriter, write_synthetic
+from llava_uhd.errors import SettingsError
+from llava_uhd.stages import SFT, check_learning_rates
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from main import cli  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+ASK = {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    write_synthetic("shapegrid", 8, str(root / "good"), seed=0, min_side=64, max_side=128, shard_size=8)
+    writer = ShardSetWriter(str(root / "broken"), 4)
+    for i in range(6):  # header-sized junk: every sample is skipped as corrupt_image
+        writer.write({"__key__": f"junk{i}", "jpg": b"\xff\xd8 not a jpeg", "json": json.dumps(ASK).encode()},
+                     [(64, 64)])
+    writer.close()
+    (root / "data.json").write_text(json.dumps([{"id": "a", **ASK}]))
+    return root
+
+
+def args_for(root: Path, *extra: str, stage: str = "stage2.yaml") -> list[str]:
+    return ["fit", "-c", str(CONFIGS / stage), "-c", str(CONFIGS / "tiny.yaml"),
+            "--data.synthetic_root", str(root / "generated"), "--model.tokenizer", str(root / "tokenizer"),
+            "--trainer.logger.init_args.save_dir", str(root / "runs"), "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def fails(args: list[str], capsys) -> str:
+    """The message of a run that must stop with a non-zero exit and no traceback."""
+    with pytest.raises(SystemExit) as info:
+        cli(args)  # any exception other than SystemExit would be a traceback for the user
+    captured = capsys.readouterr()
+    assert info.value.code not in (0, None)
+    message = f"{info.value.code}\n{captured.err}"
+    assert "Traceback" not in message
+    return message + captured.out
+
+
+def runs_written(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / "runs").rglob("*")) if (root / "runs").exists() else []
+
+
+def test_shard_spec_mistakes_stop_before_anything_is_written(data, capsys):
+    typo = data / "my_shards"
+    cases = [
+        (["--data.train_shards", str(typo)], f"data.train_shards: no such file or folder: '{typo}'"),
+        (["--data.train_shards", str(data / "sh-{000000..000003}.tar")], "data.train_shards: the pattern"),
+        (["--data.val_shards", str(data / "data.json")], "python -m datamodules.convert"),
+        (["--data.train_shards", "synthetic:shapegird,n=4"], "unknown synthetic task 'shapegird'"),
+        (["--data.batch_token_budget", "-5"], "data.batch_token_budget: must be positive"),
+        (["--data.max_skip_fraction", "2"], "data.max_skip_fraction"),
+        (["--ckpt_path", str(data / "missing.ckpt")], "ckpt_path: no checkpoint file at"),
+        (["--ckpt_path", str(data / "good")], "is a folder, not a checkpoint"),
+        (["--model.lr.vitt", "1e-3"], "model.lr: unknown part(s) vitt; the parts are patch_embed, wtc, vit"),
+    ]
+    for extra, expected in cases:
+        message = fails(args_for(data, *extra), capsys)
+        assert expected in message, (extra, message)
+        assert runs_written(data) == [], f"{extra} left {runs_written(data)}"  # no empty version_N folders
+    assert not typo.exists()  # a typed path is never filled with generated data
+    assert sorted(p.name for p in data.iterdir()) == ["broken", "data.json", "good", "tokenizer"]
+
+
+def test_a_wrong_type_in_a_setting_is_a_parser_error(data, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(args_for(data, "--trainer.max_steps", "many"))
+    assert info.value.code == 2 and "max_steps" in capsys.readouterr().err
+
+
+def test_a_run_on_mostly_broken_data_fails_with_counts_and_shows_skips(data, capsys):
+    spec = f"[{data / 'good' / 'shapegrid-000000.tar'}, {data / 'broken'}]"  # a single .tar works as a spec
+    whole_epoch = ["--trainer.max_steps", "-1", "--checkpoint.every_n_train_steps", "1000"]
+    message = fails(args_for(data, "--data.train_shards", spec, *whole_epoch), capsys)
+    assert "data.train_shards: 6 of 14 samples skipped (43% > data.max_skip_fraction 10%): corrupt_image: 6" in message
+    assert "epoch 0: trained on 8 samples; skipped 6 (corrupt_image: 6)" in message  # on the console too
+    # with a checkpoint due mid-epoch (tiny.yaml: every 4 steps), the run fails there instead of saving it
+    message = fails(args_for(data, "--data.train_shards", spec, "--trainer.max_steps", "-1"), capsys)
+    assert "samples skipped (" in message and "corrupt_image: " in message
+    assert not list((data / "runs").rglob("*.ckpt")) and not list((data / "runs").rglob("export"))
+
+
+def test_the_same_run_passes_with_a_looser_skip_share(data, capsys, tmp_path):
+    spec = f"[{data / 'good' / 'shapegrid-000000.tar'}, {data / 'broken'}]"
+    cli(args_for(tmp_path, "--data.train_shards", spec, "--data.max_skip_fraction", "0.5", "--trainer.max_steps", "-1"))
+    assert "epoch 0: trained on 8 samples; skipped 6 (corrupt_image: 6)" in capsys.readouterr().out
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_a_run_that_trains_on_nothing_fails_and_leaves_no_checkpoint(data, tmp_path, capsys):
+    message = fails(args_for(tmp_path, "--data.train_shards", str(data / "broken")), capsys)
+    assert f"config error: data.train_shards: no usable training sample in '{data / 'broken'}'" in message
+    assert "epoch 0: trained on 0 samples" in message
+    assert not list((tmp_path / "runs").rglob("*.ckpt")) and not list((tmp_path / "runs").rglob("export"))
+
+
+def test_learning_rate_parts_are_checked():
+    assert check_learning_rates({"vit": 1e-4}) == {"vit": 1e-4}
+    for lr, expected in (({"vitt": 1e-3}, "unknown part(s) vitt"), ({"vit": -1.0}, "model.lr.vit"),
+                         ({"llm": "fast"}, "model.lr.llm")):
+        with pytest.raises(SettingsError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            check_learning_rates(lr)
+
+
+def test_init_from_does_not_report_tied_embeddings_as_left_at_init(tmp_path, caplog):
+    kwargs = dict(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32, "tie_word_embeddings": True},
+                  tokenizer=str(tmp_path / "tok"))
+    source = SFT(**kwargs)
+    assert source.model.llm.config.tie_word_embeddings
+    source.model.save_pretrained(tmp_path / "export")
+    weights = next((tmp_path / "export").glob("*.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="llava_uhd.stages"):
+        SFT(**kwargs, init_from=str(tmp_path / "export"))
+    assert "left at init" not in caplog.text
+    state = load_file(str(weights))  # a tensor that really is missing is still reported
+    save_file({k: v for k, v in state.items() if not k.startswith("projector.")}, str(weights))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llava_uhd.stages"):
+        SFT(**kwargs, init_from=str(tmp_path / "export"))
+    assert "left at init projector." in caplog.text and "embed_tokens" not in caplog.text
