@@ -236,6 +236,38 @@ def flop_checks(text_tokens: int, tflops: float = DEFAULT_TFLOPS) -> dict:
     }
 
 
+RELEASE_SETTING = {"uhd_mlp": ("vit_uhd_so400m_patch10_moonvit", "mlp"),
+                   "gne_merger": ("vit_gne_so400m_patch14_moonvit", "merger")}
+"""The released model (MoonViT ViT-UHD + mlp) and the paper's TTFT baseline (MoonViT GNE + merger)."""
+
+
+def release_setting_flops(text_tokens: int, request: int = 1024) -> dict:
+    """TTFT FLOPs of the release setting at a square ``request``, Qwen2-7B shape, under both resize rules
+    (``default``: ours; ``release``: the released model's 1.4x upscale + floor), and GNE / ViT-UHD ratios.
+    The paper reports 1.9x for this pair."""
+    config = llm_config("so400m-qwen2-7b", 0)
+    with torch.device("meta"):
+        llm = load_llm(config).eval()
+        parts = {key: (timm.create_model(name).eval(), build_projector(proj, 1152, config["hidden_size"]))
+                 for key, (name, proj) in RELEASE_SETTING.items()}
+    out: dict = {"request": request, "encoders": {k: f"{n} + {p}" for k, (n, p) in RELEASE_SETTING.items()}}
+    for policy_name in ("default", "release"):
+        entry = {}
+        for key, (encoder, projector) in parts.items():
+            height, width = resolution_policy(encoder, projector, name=policy_name).target_size(request, request)
+            encoder_flops, encoded = _encoder_flops(encoder, height, width)
+            projector_flops = count_flops(projector, encoded.tokens, encoded.grids)
+            tokens = count_image_tokens(encoder, projector, height, width)
+            embeds = torch.empty(1, tokens + text_tokens, config["hidden_size"], device="meta")
+            prefill = count_flops(llm, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            entry[key] = {"input": [height, width], "llm_tokens": tokens, "encoder_tflop": encoder_flops / 1e12,
+                          "prefill_tflop": prefill / 1e12,
+                          "ttft_tflop": (encoder_flops + projector_flops + prefill) / 1e12}
+        entry["ttft_flop_ratio"] = entry["gne_merger"]["ttft_tflop"] / entry["uhd_mlp"]["ttft_tflop"]
+        out[policy_name] = entry
+    return out
+
+
 # -- memory -------------------------------------------------------------------------------------------------------
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -505,6 +537,7 @@ def run(args: argparse.Namespace) -> int:
         result["throughput_tflops"] = args.tflops
         result["modeled_ttft"] = f"total FLOPs / {args.tflops:g} TFLOP/s sustained (assumption, not a measurement)"
         result["checks"] = flop_checks(text_tokens, args.tflops)
+        result["release_setting"] = release_setting_flops(text_tokens)
         result["title"] = f"TTFT modeled at {args.tflops:g} TFLOP/s sustained: SO400M encoders + Qwen2-7B shape"
     result["ratios"] = ratios(rows)
     paths = write(result, rows, args.out)
@@ -526,5 +559,13 @@ def run(args: argparse.Namespace) -> int:
               f"{c['uhd_merger_ttft_tflop_1024']:.2f} TFLOP -> {c['ttft_flop_ratio_1024']:.2f}x lower "
               f"(>= 3x: {'yes' if c['ttft_flop_ratio_1024'] >= 3 else 'NO'}); modeled at {args.tflops:g} TFLOP/s: "
               f"{c['modeled_ttft_ms_1024']['gne']:.0f} ms vs {c['modeled_ttft_ms_1024']['uhd_merger']:.0f} ms")
+        r = result["release_setting"]
+        print("\nRelease setting at 1024^2 (MoonViT ViT-UHD + mlp vs MoonViT GNE + merger; paper: 1.9x):")
+        for policy_name in ("default", "release"):
+            e = r[policy_name]
+            print(f"  {policy_name} resize rule: GNE + merger {e['gne_merger']['input'][0]}^2, "
+                  f"{e['gne_merger']['llm_tokens']} tokens, {e['gne_merger']['ttft_tflop']:.2f} TFLOP; ViT-UHD + mlp "
+                  f"{e['uhd_mlp']['input'][0]}^2, {e['uhd_mlp']['llm_tokens']} tokens, "
+                  f"{e['uhd_mlp']['ttft_tflop']:.2f} TFLOP -> {e['ttft_flop_ratio']:.2f}x")
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
