@@ -5,8 +5,11 @@ two 2x2 WTC steps). The projector maps the encoder width C to the LLM width D:
 
 - ``mlp``:    Linear(C, D) -> GELU -> Linear(D, D), one LLM token per encoder token (16x total for ViT-UHD).
 - ``merger``: LayerNorm(C) -> concat each 2x2 window (4C) -> Linear(4C, 4C) -> GELU -> Linear(4C, D),
-  one LLM token per 2x2 encoder tokens (64x total: the paper's main setting; also the MoonViT /
-  Qwen2-VL style merge for the global native-resolution baseline).
+  one LLM token per 2x2 encoder tokens (64x total; the MoonViT / Qwen2-VL style merge of the global
+  native-resolution baseline, and in only some of the paper's experiment checkpoints).
+
+``mlp`` is the released LLaVA-UHD v3's projector (its ``model.mm_projector.proj.0/.2``, exact GELU) and the
+setting of the paper's 1.9x TTFT claim.
 
 Both take the encoder's tokens in row-major order of each image's grid, dense ``[B, n, C]`` (all images
 the same grid) or packed ``[sum n_i, C]``, plus the per-image grids, and return packed ``[sum m_i, D]``
@@ -88,7 +91,7 @@ class PatchMergerProjector(nn.Module):
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> MLPProjector | PatchMergerProjector:
-    """Projector by name: ``mlp`` (16x total with ViT-UHD) or ``merger`` (64x total)."""
+    """Projector by name: ``mlp`` (16x total with ViT-UHD: the release's) or ``merger`` (64x total)."""
     if kind == "mlp":
         return MLPProjector(in_dim, out_dim)
     if kind == "merger":

@@ -129,7 +129,7 @@ class UHDModule(L.LightningModule):
         wtc_layers: list[int] | None = None,
         wtc_pooling: Pooling | None = None,
         pos_embed_init: Literal["random", "sincos"] | None = None,
-        projector: Literal["mlp", "merger"] = "merger",
+        projector: Literal["mlp", "merger"] = "mlp",
         llm: str | dict[str, Any] = "",
         tokenizer: str | None = None,
         llm_dtype: str | None = None,
@@ -155,7 +155,7 @@ class UHDModule(L.LightningModule):
             wtc_layers: 1-based blocks after which a 2x2 WTC runs (override).
             wtc_pooling: WTC pooling kind (override).
             pos_embed_init: pos-embed initialisation of a from-scratch encoder (override; tiny models: ``sincos``).
-            projector: ``mlp`` (16x total) or ``merger`` (64x total).
+            projector: ``mlp`` (16x total: the released model's) or ``merger`` (64x total).
             llm: local causal-LM directory, or a config dict (random weights; tiny runs).
             tokenizer: tokenizer directory (default: the LLM's directory).
             llm_dtype: LLM weight dtype at load, e.g. ``bfloat16``.
