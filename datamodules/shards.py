@@ -53,6 +53,8 @@ class ShardSetWriter:
     def write(self, sample: dict, image_sizes: list[tuple[int, int]]) -> None:
         if "." in sample["__key__"] or "/" in sample["__key__"]:
             raise ValueError(f"keys may not contain '.' or '/': {sample['__key__']!r}")
+        if len(sample) < 2:  # a tar holds members, not keys: the index would count a sample that is not there
+            raise ValueError(f"sample {sample['__key__']!r} has no members")
         if self._writer is None or self.shards[-1]["samples"] >= self.shard_size:
             self._next_shard()
         self._writer.write(sample)
