@@ -78,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvalError(f"two --data files share a name ({', '.join(names)}): predictions would collide")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out}: a file, not a folder")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise EvalError(f"--model {args.model}: not a model folder (no config.json)")
@@ -85,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     try:
         model = LlavaUHD.from_pretrained(model_dir).to(args.device).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:  # a model folder can be broken in many ways (config keys, shapes, files)
         raise EvalError(f"--model {args.model}: cannot load the model ({type(err).__name__}: {err})") from err
     for benchmark in benchmarks:
         stats = run_benchmark(model, benchmark, args.out, batch_size=args.batch_size, num_beams=args.num_beams,
