@@ -291,8 +291,8 @@ def load_release(folder: str | Path, resize_policy: str = "release", progress: b
     lacking = sorted(set(PROJECTOR_NAMES.values()) - projector_state.keys())
     if lacking:
         raise ReleaseError(f"{folder}: the mlp projector lacks {', '.join(PROJECTOR_PREFIX + n for n in lacking)}")
-    projector.load_state_dict(projector_state)
-    projector.to(projector_state["fc1.weight"].dtype)
+    projector.load_state_dict(projector_state)  # kept in fp32 like the encoder (as in our own models); the LLM
+    # keeps the file's dtype, and the splice casts the visual tokens to it
     try:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # AutoTokenizer notes that config.json's model_type is not a known one

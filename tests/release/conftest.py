@@ -62,7 +62,7 @@ def moonvit_config() -> dict:
 
 def write_release(out: Path, tokenizer_dir: Path, sharded: bool = True, zero_gates: bool = True,
                   vocab_rows: int | None = None, encoder_folder: bool = False, extra: dict | None = None,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A tiny release folder at ``out``. ``vocab_rows``: LM embedding rows (default: the tokenizer's, padded to a
     multiple of 64 as Qwen2 pads); ``extra``: more tensors to store (to test that they are reported)."""
     out.mkdir(parents=True)
@@ -79,6 +79,7 @@ def write_release(out: Path, tokenizer_dir: Path, sharded: bool = True, zero_gat
                     "model.mm_projector.proj.2.weight": torch.randn(64, 64, generator=g) * 0.1,
                     "model.mm_projector.proj.2.bias": torch.randn(64, generator=g) * 0.02})
     tensors.update({"model.vision_tower.vision_tower." + k: v for k, v in moonvit_tensors(seed, zero_gates).items()})
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}  # the release ships bfloat16
     tensors.update(extra or {})
     tower = "checkpoints/moonvit-so-400m-4-18-se-hirope2d-p10"  # the training machine's path: not here
     if encoder_folder:
@@ -88,7 +89,8 @@ def write_release(out: Path, tokenizer_dir: Path, sharded: bool = True, zero_gat
         tower = str(tower_dir)
     config = {**llm_dict, "model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"],
               "mm_vision_tower": tower, "mm_projector_type": "mlp", "mm_hidden_size": WIDTH,
-              "mm_use_im_start_end": False, "mm_patch_merge_type": "flat", "torch_dtype": "float32"}
+              "mm_use_im_start_end": False, "mm_patch_merge_type": "flat",
+              "torch_dtype": str(dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if not sharded:
         save_file(tensors, str(out / "model.safetensors"))

@@ -92,6 +92,17 @@ def test_release_to_ours_gives_identical_logits_and_keeps_the_release_rule(relea
     assert torch.equal(direct, converted)
 
 
+def test_a_bfloat16_release_answers_and_converts_to_the_same_logits(tmp_path, tokenizer_dir):
+    folder = write_release(tmp_path / "rel", tokenizer_dir, dtype=torch.bfloat16)
+    direct = LlavaUHD.from_pretrained(folder).eval()
+    assert direct.llm.dtype == torch.bfloat16 and direct.config.llm_dtype == "bfloat16"
+    assert direct.generate(photo(), "What is this?", max_new_tokens=3).token_ids
+    convert_release(folder, tmp_path / "ours")
+    ours = LlavaUHD.from_pretrained(tmp_path / "ours").eval()
+    assert ours.llm.dtype == torch.bfloat16
+    assert torch.equal(logits_of(direct, photo()), logits_of(ours, photo()))
+
+
 @pytest.mark.parametrize("side,tokens", [(512, 289), (768, 676), (1024, 1225)])
 def test_release_rule_token_counts(release_model, side, tokens):
     assert isinstance(release_model.policy, ReleaseResolutionPolicy)
