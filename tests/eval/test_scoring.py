@@ -95,13 +95,15 @@ def test_docvqa_anls(tmp_path):
     cases = [
         (["1000"], "1,000"),  # lev 1, longest 5: NL 0.2 -> 0.8
         (["hello world"], "Hello   World"),  # lowercased, spaces collapsed: 1.0
-        (["abcxyz"], "abcdef"),  # lev 3 / 6 = 0.5, not under the threshold: 0
+        (["abcxyz"], "abcdef"),  # lev 3 / 6 = 0.5: similarity 0.5 is not under the threshold, kept: 0.5
+        (["abcdxyz"], "abcuvwz"),  # lev 3 / 7: similarity 4/7 = 0.571, kept
+        (["abcxyz"], "axxxxx"),  # lev 4 / 6 (4 substitutions): similarity 1/3, under 0.5: 0
         (["x"], ""),  # lev 1 / 1: 0
         (["café"], "Café"),  # unicode, case: 1.0
     ]
     rows = [{"index": i, "image": b64_image(i), "question": "?", "answer": repr(a)} for i, (a, _) in enumerate(cases)]
     scores = score(tmp_path, "DocVQA_VAL", rows, {i: p for i, (_, p) in enumerate(cases)})
-    assert scores["overall"]["anls"] == pytest.approx(100 * (0.8 + 1 + 0 + 0 + 1) / 5)  # 56.0
+    assert scores["overall"]["anls"] == pytest.approx(100 * (0.8 + 1 + 0.5 + 4 / 7 + 0 + 0 + 1) / 7)
 
 
 def test_chartqa_relaxed(tmp_path):
@@ -122,7 +124,7 @@ def test_chartqa_relaxed(tmp_path):
 def test_exact_match_ocrvqa_and_gqa(tmp_path):
     rows = [{"index": 0, "image": b64_image(0), "question": "Title?", "answer": "['Harry Potter']"},
             {"index": 1, "image": b64_image(1), "question": "Title?", "answer": "['Harry Potter']"}]
-    preds = {0: "harry potter.", 1: "Harry"}  # normalised equal; a prefix is not a match
+    preds = {0: " HARRY potter ", 1: "Harry Potter."}  # case and outer spaces ignored; the full stop is not
     assert score(tmp_path, "OCRVQA_TEST", rows, preds)["overall"]["accuracy"] == pytest.approx(50.0)
     assert score(tmp_path, "GQA_TestDev_Balanced", rows, preds)["kind"] == "exact"
 

@@ -7,11 +7,12 @@ choice read from the text); :func:`aggregate` turns the rows' scores into the be
 - ``vqa`` (TextVQA): VQA soft accuracy. Answers and prediction are normalised as the VQA evaluation does
   (punctuation, number words -> digits, articles, contractions); each human answer is left out in turn and
   the prediction scores ``min(1, matches among the other answers / 3)``; the row's score is the mean.
-- ``anls`` (DocVQA, InfoVQA): ANLS, best over the answers, a similarity under 0.5 counts 0.
+- ``anls`` (DocVQA, InfoVQA): ANLS, best over the answers, a similarity under 0.5 counts 0 (0.5 itself counts).
 - ``relaxed`` (ChartQA): a number within 5% of a numeric answer (relative to the answer), else exact string
   match, case-insensitive; best over the answers. "12%" reads as 0.12 (so it matches "0.12" but not "12");
   "1,000" is not a number and only matches "1,000" (VLMEvalKit parses numbers with ``float`` alone).
-- ``exact`` (OCRVQA, GQA): exact match of VQA-normalised strings, any answer.
+- ``exact`` (OCRVQA, GQA): case-insensitive equality of the stripped strings, any answer (no VQA
+  normalisation: VLMEvalKit's ``accuracy`` rule, so "Harry Potter." does not match "Harry Potter").
 - ``mcq``: the letter read from the text (:func:`extract_choice`); MMBench circular evaluation when the file
   holds circular copies (``index >= 1e6``): a question counts only if all its copies (same ``index % 1e6``)
   are right. Unparseable answers count as wrong and are reported.
@@ -115,8 +116,8 @@ def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """Best over the answers of ``1 - lev / max(len)`` on lowercased, whitespace-collapsed strings; 0 when the
-    normalised distance reaches ``threshold``."""
+    """Best over the answers of ``1 - lev / max(len)`` on lowercased, whitespace-collapsed strings; 0 when that
+    similarity is under ``threshold`` (VLMEvalKit keeps a similarity of exactly 0.5)."""
     pred = " ".join(prediction.strip().lower().split())
     targets = [" ".join(a.strip().lower().split()) for a in answers]
     distances = edit_distance([pred] * len(targets), targets, reduction="none").tolist()
@@ -124,7 +125,7 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
     for target, distance in zip(targets, distances):
         longest = max(len(pred), len(target))
         normalized = distance / longest if longest else 0.0
-        if normalized < threshold:
+        if 1.0 - normalized >= threshold:
             best = max(best, 1.0 - normalized)
     return best
 
@@ -217,8 +218,8 @@ def score_row(benchmark: Benchmark, row: dict[str, str], prediction: str) -> Row
     if kind == "relaxed":
         return RowScore(float(any(relaxed_match(prediction, a) for a in answers)))
     if kind == "exact":
-        pred = vqa_normalize(prediction)
-        return RowScore(float(any(pred == vqa_normalize(a) for a in answers)))
+        pred = prediction.strip().lower()
+        return RowScore(float(any(pred == a.strip().lower() for a in answers)))
     if kind == "ocrbench":
         return RowScore(float(ocrbench_hit(prediction, answers, row.get("category", ""))))
     raise ValueError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
