@@ -100,3 +100,16 @@ def test_bad_inputs_exit_non_zero_with_one_message(tmp_path, our_dir, image_file
         err = capsys.readouterr().err
         assert code != 0, argv
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_two_images_in_one_prompt(our_dir, image_file, tmp_path, capsys):
+    second = tmp_path / "second.png"
+    Image.fromarray(np.zeros((80, 40, 3), dtype=np.uint8)).save(second)
+    argv = ["--model", str(our_dir), "--image", str(image_file), "--image", str(second), "--prompt",
+            "Compare <image> with <image>.", "--max-new-tokens", "3", "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    model = LlavaUHD.from_pretrained(our_dir)
+    sizes = [tuple(model.preprocess(Image.open(p)).shape[-2:]) for p in (image_file, second)]
+    assert record["image_tokens"] == sum(model.num_image_tokens(*s) for s in sizes)
+    assert record["images"] == [str(image_file), str(second)]
