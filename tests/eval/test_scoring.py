@@ -40,6 +40,12 @@ def test_multiple_choice_letter_extraction(tmp_path):
     assert scores["per_category"]["animals"] == {"accuracy": pytest.approx(62.5), "count": 8}
 
 
+def test_extract_choice_text_decides_between_two_letters():
+    # Two letters are no choice by themselves; the text of exactly one option then decides.
+    assert extract_choice("A or B: the dog", OPTIONS) == "B"
+    assert extract_choice("A or B", OPTIONS) is None
+
+
 def test_extract_choice_only_offered_letters():
     # "E" is not an option here, so "E" alone is no choice; with E offered it is.
     assert extract_choice("E", {"A": "x", "B": "y"}) is None

@@ -155,7 +155,8 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
 
     1. Marks ``.()[],:;!*#{}`` become spaces; if exactly one option letter (upper case) is a word of the
        text, it is the choice ("The answer is (B)." -> B; "A or B" has two: no choice from this step).
-    2. Else, if exactly one option's text is contained in the answer (case-insensitive), that option.
+    2. Else (no letter, or several), if exactly one option's text is contained in the answer
+       (case-insensitive), that option ("A or B: the dog" -> B when only B's text is "dog").
     3. Else (our addition, for small models) a whole answer that is one lower-case option letter ("b.").
     """
     text = prediction
@@ -165,13 +166,12 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     letters = [letter for letter in options if letter in words]
     if len(letters) == 1:
         return letters[0]
-    if not letters:
-        lowered = prediction.lower()
-        texts = [letter for letter, option in options.items() if option.strip() and option.strip().lower() in lowered]
-        if len(texts) == 1:
-            return texts[0]
-        if len(words) == 1 and words[0].upper() in options and words[0].islower():
-            return words[0].upper()
+    lowered = prediction.lower()
+    texts = [letter for letter, option in options.items() if option.strip() and option.strip().lower() in lowered]
+    if len(texts) == 1:
+        return texts[0]
+    if not letters and len(words) == 1 and words[0].upper() in options and words[0].islower():
+        return words[0].upper()
     return None
 
 
