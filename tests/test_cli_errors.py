@@ -68,6 +68,8 @@ def test_shard_spec_mistakes_stop_before_anything_is_written(data, capsys):
         (["--ckpt_path", str(data / "missing.ckpt")], "ckpt_path: no checkpoint file at"),
         (["--ckpt_path", str(data / "good")], "is a folder, not a checkpoint"),
         (["--model.lr.vitt", "1e-3"], "model.lr: unknown part(s) vitt; the parts are patch_embed, wtc, vit"),
+        (["--model.encoder", "vit_uhd_tiny"], "model.encoder: unknown encoder 'vit_uhd_tiny'"),
+        (["--data.num_workers", "-1"], "data.num_workers: must be 0 or more"),
     ]
     for extra, expected in cases:
         message = fails(args_for(data, *extra), capsys)

@@ -68,6 +68,10 @@ def build_llava_uhd(
 ) -> LlavaUHD:
     """A LlavaUHD from the stage's flat settings. A config-dict LLM (random weights) gets the project's tiny
     offline tokenizer, built into ``tokenizer`` on first use."""
+    if not timm.is_model(encoder):
+        known = ", ".join(n for n in timm.list_models(["vit_uhd_*", "vit_gne_*", "vit_sbe_*"]))
+        raise SettingsError(f"model.encoder: unknown encoder {encoder!r}; registered ViT-UHD / GNE / SBE encoders: "
+                            f"{known}")
     if isinstance(llm, dict):
         if not tokenizer:
             raise ValueError("model.tokenizer: a config-dict LLM needs a tokenizer directory")
