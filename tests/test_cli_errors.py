@@ -62,14 +62,11 @@ def test_shard_spec_mistakes_stop_before_anything_is_written(data, capsys):
         (["--data.train_shards", str(typo)], f"data.train_shards: no such file or folder: '{typo}'"),
         (["--data.train_shards", str(data / "sh-{000000..000003}.tar")], "data.train_shards: the pattern"),
         (["--data.val_shards", str(data / "data.json")], "python -m datamodules.convert"),
-        (["--data.train_shards", "synthetic:shapegird,n=4"], "unknown synthetic task 'shapegird'"),
         (["--data.batch_token_budget", "-5"], "data.batch_token_budget: must be positive"),
-        (["--data.max_skip_fraction", "2"], "data.max_skip_fraction"),
         (["--ckpt_path", str(data / "missing.ckpt")], "ckpt_path: no checkpoint file at"),
         (["--ckpt_path", str(data / "good")], "is a folder, not a checkpoint"),
         (["--model.lr.vitt", "1e-3"], "model.lr: unknown part(s) vitt; the parts are patch_embed, wtc, vit"),
         (["--model.encoder", "vit_uhd_tiny"], "model.encoder: unknown encoder 'vit_uhd_tiny'"),
-        (["--data.num_workers", "-1"], "data.num_workers: must be 0 or more"),
     ]
     for extra, expected in cases:
         message = fails(args_for(data, *extra), capsys)
