@@ -95,28 +95,40 @@ def write_scores(scores: dict, out_dir: str | Path) -> list[Path]:
     return [*paths, merged_path]
 
 
+CATEGORY_METRIC = {"mme": "score", "ocrbench": "score", "hallusion": "aAcc"}
+"""The per-category number charted where it is not the headline (MME: acc + acc+; OCRBench: hits)."""
+
+
 def _bar_chart(scores: dict, path: Path) -> None:
+    """Headline overall (first bar) and per category; kinds whose category number differs chart categories only."""
     from matplotlib.figure import Figure
 
-    metric = scores["headline"]
-    labels = ["overall", *[c for c, v in scores["per_category"].items() if metric in v]]
-    values = [scores["overall"][metric], *[scores["per_category"][c][metric] for c in labels[1:]]]
-    if scores["kind"] == "mme":  # per-category MME points are acc + acc+; the overall total is on another scale
-        labels, values = labels[1:], values[1:]
+    headline = scores["headline"]
+    metric = CATEGORY_METRIC.get(scores["kind"], headline)
+    labels = [c for c, v in scores["per_category"].items() if metric in v]
+    values = [scores["per_category"][c][metric] for c in labels]
+    title = f"{scores['benchmark']}: {metric} per category"
+    if metric == headline:
+        labels, values = ["overall", *labels], [scores["overall"][headline], *values]
+    else:
+        title += f" ({headline} {scores['overall'][headline]:.2f})"
     fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2), 3.2))
     ax = fig.subplots()
-    ax.bar(range(len(labels)), values, color=["tab:blue"] + ["tab:gray"] * (len(labels) - 1))
-    ax.set_xticks(range(len(labels)), [lbl[:24] for lbl in labels], rotation=45, ha="right", fontsize=7)
+    colours = ["tab:blue" if label == "overall" else "tab:gray" for label in labels]
+    ax.bar(range(len(labels)), values, color=colours)
+    ax.set_xticks(range(len(labels)), [label[:24] for label in labels], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(metric)
-    ax.set_title(f"{scores['benchmark']}: {metric}", fontsize=9)
+    if scores["kind"] not in ("mme", "ocrbench"):  # percentages
+        ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def results_table(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, list[Path]]:
-    """Markdown table (runs x benchmarks, headline numbers) and a grouped bar chart, from each run's
-    ``scores.json``; written as ``results.md`` / ``results.csv`` / ``results.png`` in ``out`` (default: the
-    first run folder)."""
+    """Markdown table (runs x benchmarks, headline numbers) and a grouped bar chart (MME and OCRBench
+    scaled to 0-100), from each run's ``scores.json``; written as ``results.md`` / ``results.csv`` /
+    ``results.png`` in ``out`` (default: the first run folder)."""
     runs = {}
     for run_dir in run_dirs:
         path = Path(run_dir) / SCORES_NAME
@@ -128,30 +140,39 @@ def results_table(run_dirs: Sequence[str | Path], out: str | Path | None = None)
             raise EvalError(f"{path}: not valid JSON ({err})") from err
     benchmarks = sorted({b for scores in runs.values() for b in scores})
     header = ["run", *[f"{b} ({next(s[b]['headline'] for s in runs.values() if b in s)})" for b in benchmarks]]
-    rows = [[Path(run).name or run, *[s[b]["overall"][s[b]["headline"]] if b in s else "" for b in benchmarks]]
-            for run, s in runs.items()]
+    names = [Path(run).name or run for run in runs]
+    if len(set(names)) < len(names):  # folders with the same name: show the paths as given
+        names = list(runs)
+    rows = [[name, *[s[b]["overall"][s[b]["headline"]] if b in s else "" for b in benchmarks]]
+            for name, s in zip(names, runs.values())]
     out = Path(out) if out is not None else Path(run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_table(header, rows)
     (out / "results.md").write_text(text)
     with (out / "results.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
-    _grouped_chart(benchmarks, rows, out / "results.png")
+    kinds = [next(s[b]["kind"] for s in runs.values() if b in s) for b in benchmarks]
+    _grouped_chart(benchmarks, kinds, rows, out / "results.png")
     return text, [out / "results.md", out / "results.csv", out / "results.png"]
 
 
-def _grouped_chart(benchmarks: Sequence[str], rows: Sequence[Sequence], path: Path) -> None:
+CHART_SCALE = {"mme": 28.0, "ocrbench": 10.0}
+"""Headline points -> 0-100 for the cross-benchmark chart: MME's total is out of 2800, OCRBench's out of 1000."""
+
+
+def _grouped_chart(benchmarks: Sequence[str], kinds: Sequence[str], rows: Sequence[Sequence], path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(max(4.0, 1.2 * len(benchmarks) + 2), 3.5))
     ax = fig.subplots()
     width = 0.8 / max(len(rows), 1)
     for r, row in enumerate(rows):
-        values = [v if isinstance(v, int | float) else 0.0 for v in row[1:]]
+        values = [v / CHART_SCALE.get(k, 1.0) if isinstance(v, int | float) else 0.0 for v, k in zip(row[1:], kinds)]
         ax.bar([b + r * width for b in range(len(benchmarks))], values, width, label=str(row[0]))
-    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benchmarks))], benchmarks, rotation=30, ha="right",
-                  fontsize=8)
-    ax.set_ylabel("headline score")
+    names = [f"{b} (/{CHART_SCALE[k]:g})" if k in CHART_SCALE else b for b, k in zip(benchmarks, kinds)]
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benchmarks))], names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("headline score (0-100)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
