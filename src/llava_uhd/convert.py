@@ -46,17 +46,16 @@ def convert_release(src: str | Path, out: str | Path, resize_policy: str = "rele
             raise ReleaseError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
         if out.resolve() == src.resolve():
             raise ReleaseError("--out: must differ from --src")
-    steps = tqdm(total=2, desc="convert", unit="step")
-    model = load_release(src, resize_policy=resize_policy, progress=True)
-    steps.update()
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
-    steps.update()
-    steps.close()
+    with tqdm(total=2, desc="convert (read release, write folder)", unit="step") as steps:
+        model = load_release(src, resize_policy=resize_policy, progress=True)
+        steps.update()
+        tmp = out.with_name(f".{out.name}.partial")  # written beside, then swapped in: never half a folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+        steps.update()
     return model, model.load_report
 
 
