@@ -2,8 +2,6 @@
 
 import json
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -161,11 +159,11 @@ def test_pickled_weights_are_refused_and_a_plain_folder_is_not_a_model(tmp_path,
         LlavaUHD.from_pretrained(tmp_path / "plain")
 
 
-def test_convert_command_writes_a_folder(release_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "llava_uhd.convert", "release", "--src", str(release_dir),
-                           "--out", str(tmp_path / "ours")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout and (tmp_path / "ours" / "model.safetensors").is_file()
+def test_convert_command_writes_a_folder(release_dir, tmp_path, capsys):
+    assert convert_main(["release", "--src", str(release_dir), "--out", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "unused: none" in out and (tmp_path / "ours" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_convert_command_fails_clearly(release_dir, tmp_path, capsys):
