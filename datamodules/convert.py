@@ -69,6 +69,8 @@ def _check_folder(images: str) -> None:
 
 def _llava_records(path: str) -> Iterator[tuple[object, object]]:
     """(record, fallback id) pairs; a bad JSON Lines line is yielded as a SampleError to skip."""
+    if os.path.isdir(path):
+        raise SettingsError(f"--json: {path} is a folder; give the JSON (or JSON Lines) file")
     if not os.path.isfile(path):
         raise SettingsError(f"--json: no such file: {path}")
     try:

@@ -491,7 +491,7 @@ class UHDDataModule(L.LightningDataModule):
         for split in splits.get(stage, ()):
             key, spec = f"data.{split}_shards", hp.get(f"{split}_shards")
             if spec is None:
-                if split == "train" or (split == "test" and stage in ("test", "predict")):
+                if split == {"fit": "train", "validate": "val"}.get(stage, "test"):
                     raise SettingsError(f"{key}: {stage} needs shards (a folder, brace pattern, .tar, list, or "
                                         "'synthetic:TASK,n=N')")
                 continue
@@ -547,7 +547,9 @@ class UHDDataModule(L.LightningDataModule):
         hp = self.hparams
         if spec is None:
             return []  # Lightning: no loader for this split
-        urls = resolve_shards(spec, "data shards", hp.synthetic_root, check=False)
+        key = next((f"data.{split}_shards" for split in ("train", "val", "test") if hp.get(f"{split}_shards") is spec),
+                   "data shards")
+        urls = resolve_shards(spec, key, hp.synthetic_root, check=False)
         rank, world_size = self._rank()
         decoder = SampleDecoder(self.tokenizer, self.policy, self.image_token_fn, hp.max_length, hp.caption_prompt,
                                 hp.vision_markers, hp.max_image_pixels, hp.max_aspect_ratio)
