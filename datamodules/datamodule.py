@@ -324,9 +324,16 @@ class StreamLoader(DataLoader):
             epoch = self.dataset.epoch.value
         if self.tally.epoch != epoch:
             self.tally = Tally(epoch)
+        resuming, delivered = self.restored and epoch == self.dataset.resume_epoch, 0
         for batch in super().__iter__():
             self.skips.update(batch.get("skips", {}))
+            delivered += 1
             yield batch
+        if resuming:
+            self.dataset.resume = {}
+            if delivered == 0:  # the checkpoint was taken after its epoch's last batch: this is the next epoch
+                log.info("resume: epoch %d was complete at the checkpoint; starting epoch %d", epoch, epoch + 1)
+                yield from self.__iter__()
 
     def consume(self, batch: dict) -> None:
         """Count ``batch`` as trained on: its worker's position moves one batch on."""

@@ -143,3 +143,11 @@ def test_replay_decodes_no_image_before_the_cut(shards, tokenizer, monkeypatch):
     after = [k for batch in consume(resumed) for k in batch]
     assert sorted(after + [k for batch in before for k in batch]) == sorted(f"shapegrid{i:08d}" for i in range(40))
     assert set(after) <= set(calls) <= set(after) | {"junk"} and len(calls) == len(set(calls))
+
+
+def test_checkpoint_after_the_last_batch_resumes_into_the_next_epoch(shards, tokenizer):
+    first = make(shards, tokenizer)
+    consume(first)  # the whole epoch, then the checkpoint
+    resumed = make(shards, tokenizer)
+    resumed.load_stream_state(roundtrip(first.stream_state()))
+    assert consume(resumed) == consume(make_epoch_two(shards, tokenizer, {}))  # not an empty epoch
