@@ -24,6 +24,11 @@ batches per epoch:
   unknown in packed mode or without an index.
   Multi-rank loading without an index needs ``batches_per_epoch``.
 
+**Mid-epoch resume.** The DataModule's ``state_dict`` (saved in every checkpoint) holds each rank's and
+worker's position as the batches training consumed; a resumed loader's workers replay up to it from image
+headers and carry on (see ``datamodules.stream_state``). Other data settings on resume are an error naming
+the setting unless ``allow_restart``.
+
 **Skipped samples** are counted by reason (see ``datamodules.samples.SKIP_REASONS``); each batch carries
 ``batch["skips"]``, the counts its worker made since its previous batch, so the LightningModule can log
 them (``self.log_dict({f"data/skipped/{k}": float(v) ...}, reduce_fx="sum")``). The loader also adds
