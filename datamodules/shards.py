@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import logging
 import os
 import posixpath
 import random
@@ -29,6 +30,8 @@ from urllib.parse import urlparse
 import webdataset as wds
 
 from llava_uhd.errors import SettingsError
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 SKIPPED_NAME = "skipped.jsonl"
@@ -276,7 +279,11 @@ def _read_index(directory: str) -> dict | None:
                 return json.load(f)
         with wds.gopen(path, "rb") as f:
             return json.load(io.TextIOWrapper(f))
-    except Exception:  # no index (or unreadable): the loader falls back to unbalanced splits
+    except FileNotFoundError:  # no index: the loader falls back to unbalanced splits
+        return None
+    except Exception as exn:  # an index that is there but unreadable is worth a word: the same fallback
+        log.warning("ignoring the shard index %s (%s: %s); shards are split without sample counts", path,
+                    type(exn).__name__, exn)
         return None
 
 
