@@ -244,6 +244,7 @@ def execute(item: tuple[RunJob, bool, dict, dict]) -> dict:
         "image_tokens": image_tokens(model, spec.min_side), "learned_at_step": learned_at(curve),
         "accuracy": float(values["accuracy"]), **score(records, spec.grid), "loss_curve": curve,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "eval_torch_threads": torch.get_num_threads(),
         "settings": settings, "job": job_dict(job),
     }
     if job.flops:
