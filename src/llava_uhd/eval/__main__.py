@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each file")
     run.add_argument("--kind", choices=KINDS, default=None, help="scoring kind (default: from the file name)")
     run.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, ...)")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="cast the model's weights (default: as saved)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     score = sub.add_parser("score", help="score a predictions file (no model)")
     score.add_argument("--data", required=True, help="benchmark TSV")
@@ -83,12 +85,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise EvalError(f"--model {args.model}: not a model folder (no config.json)")
+    import torch
+
     from llava_uhd.mllm import LlavaUHD
 
     try:
-        model = LlavaUHD.from_pretrained(model_dir).to(args.device).eval()
+        model = LlavaUHD.from_pretrained(model_dir)
     except Exception as err:  # a model folder can be broken in many ways (config keys, shapes, files)
         raise EvalError(f"--model {args.model}: cannot load the model ({type(err).__name__}: {err})") from err
+    try:
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
+    except (RuntimeError, AssertionError) as err:  # unknown device string, or no such device / CUDA build
+        raise EvalError(f"--device {args.device}: {err}") from err
     for benchmark in benchmarks:
         stats = run_benchmark(model, benchmark, args.out, batch_size=args.batch_size, num_beams=args.num_beams,
                               max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.no_progress)
