@@ -2,8 +2,8 @@
 
 from datamodules.batching import Bucketer, collate
 from datamodules.datamodule import GridTokens, ShardStream, StreamLoader, UHDDataModule
-from datamodules.samples import SKIP_REASONS, SampleDecoder, SampleError, SkipCounter
-from datamodules.shards import ShardSetWriter, expand_shards, load_shard_infos, split_shards
+from datamodules.samples import SKIP_REASONS, SampleDecoder, SampleError, SkipCounter, check_sample
+from datamodules.shards import ShardSetWriter, expand_shards, load_shard_infos, resolve_shards, split_shards
 from datamodules.synthetic import make_sample, write_synthetic
 
 __all__ = [
@@ -17,10 +17,12 @@ __all__ = [
     "SkipCounter",
     "StreamLoader",
     "UHDDataModule",
+    "check_sample",
     "collate",
     "expand_shards",
     "load_shard_infos",
     "make_sample",
+    "resolve_shards",
     "split_shards",
     "write_synthetic",
 ]
