@@ -1,6 +1,7 @@
 """Shard writing, the shard index, shard specs, and the deterministic split of shards over ranks and workers.
 
-Every writer here (converters, synthetic data) puts an ``index.json`` next to its shards::
+Every writer here (converters, synthetic data) puts an ``index.json`` next to its shards, and
+``skipped.jsonl`` (one ``{"id", "reason", "detail"}`` per sample it did not write)::
 
     {"version": 1, "shards": [{"name": "shard-000000.tar", "samples": 8,
                                "image_sizes": [[[h, w]], [[h, w], [h, w]], []]}], "skipped": {...}}
@@ -8,6 +9,10 @@ Every writer here (converters, synthetic data) puts an ``index.json`` next to it
 ``samples`` lets the loader balance shards over ranks by sample count; ``image_sizes`` (original sizes of
 each sample's images) lets it compute, before reading any pixels, how many batches each rank will make,
 which is how every rank is given the same number of batches (see ``datamodules.datamodule``).
+
+A whole set is written through :func:`replacing_dir` (a temporary sibling swapped in on success), and a
+shard spec becomes urls through :func:`resolve_shards`, which turns every mistake in it into one
+:class:`~llava_uhd.errors.SettingsError` naming the setting.
 """
 
 from __future__ import annotations
