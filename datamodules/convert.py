@@ -61,6 +61,8 @@ def _read_image(images: str, name: object) -> tuple[bytes, str]:
 
 
 def _check_folder(images: str) -> None:
+    if os.path.isfile(images):
+        raise SettingsError(f"--images: {images} is a file; give the folder the images are in")
     if not os.path.isdir(images):
         raise SettingsError(f"--images: no such folder: {images}")
     if not os.access(images, os.R_OK | os.X_OK):

@@ -95,6 +95,8 @@ def test_converter_input_mistakes_fail_with_one_message_and_leave_no_folder(tmp_
         (["--json", str(tmp_path / "broken.json"), "--images", str(images)], "not valid JSON"),
         (["--json", str(tmp_path / "missing.json"), "--images", str(images)], "--json: no such file"),
         (["--json", str(json_path), "--images", str(tmp_path / "nowhere")], "--images: no such folder"),
+        (["--json", str(json_path), "--images", str(json_path)], "--images: "),
+        (["--json", str(images), "--images", str(images)], "--json: "),
         (["--json", str(all_bad), "--images", str(all_bad.parent / "images")], "every sample"),
         (["--json", str(json_path), "--images", str(images), "--shard-size", "0"], "--shard-size"),
         (["--images", str(images)], "--json"),
