@@ -31,7 +31,7 @@ from typing import Any
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -439,6 +439,32 @@ class LlavaUHD(nn.Module):
             raw["resize_policy"] = resize_policy
         raw["encoder_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["encoder_kwargs"].items()}
         raw["tokenizer"] = raw.get("tokenizer") or str(model_dir)
-        model = cls(LlavaUHDConfig(**raw))
-        load_model(model, str(model_dir / WEIGHTS_NAME), strict=True)
+        config = LlavaUHDConfig(**raw)
+        with release.parameters_on_meta():  # no random init of weights that are loaded next (a 7B LLM: minutes)
+            model = cls(config)
+        assign_weights(model, load_file(str(model_dir / WEIGHTS_NAME)), model_dir / WEIGHTS_NAME)
         return model
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``state`` into a model whose parameters are on the meta device, strictly: every parameter and
+    persistent buffer must be in ``state`` (a tied parameter saved once under another of its names counts), and
+    nothing else may be. Each tensor takes the dtype the config gives its parameter, as a copying load would."""
+    own = model.state_dict(keep_vars=True)
+    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys)
+    for names in tied.values():  # assign broke the ties: point every name of a group at the loaded tensor
+        loaded = [n for n in names if n not in missing]
+        if len(names) > 1 and loaded:
+            param = model.get_parameter(loaded[0])
+            for name in names:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, param)
+                missing.discard(name)
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{source} does not match the model its config describes: missing "
+                         f"{sorted(missing)[:8] or 'none'}, unexpected {sorted(result.unexpected_keys)[:8] or 'none'}")

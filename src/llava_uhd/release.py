@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
 from llava_uhd.llm import _llm_config, llm_config_dict, load_tokenizer
@@ -180,27 +179,26 @@ def encoder_config(config: dict[str, Any], folder: Path) -> dict[str, Any] | Non
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (buffers stay real, so rotary tables are
     computed as usual): a 7B LLM is built without allocating or initialising 7B random weights."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None:
+        if param is not None and not param.is_meta:  # a meta one is kept as is: tying reuses the same object
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register
-    try:
-        with no_init_weights():
-            yield
+    try:  # initialisers run on meta tensors (no work) and transformers still ties embeddings as usual
+        yield
     finally:
         nn.Module.register_parameter = original
 
 
 def build_llm(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, list[str]]:
     """Qwen2 LM from its config dict and weights (assigned, keeping their dtype); returns it and unused names."""
-    with _parameters_on_meta():
+    with parameters_on_meta():
         llm = AutoModelForCausalLM.from_config(_llm_config(config))
     result = llm.load_state_dict(state, strict=False, assign=True)
     if llm.config.tie_word_embeddings and "lm_head.weight" in result.missing_keys:

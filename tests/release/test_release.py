@@ -183,3 +183,24 @@ def test_convert_command_fails_clearly(release_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code != 0 and message in err, err
         assert "Traceback" not in err
+
+
+def test_our_folder_loads_without_random_init_and_keeps_ties(tmp_path):
+    """Our own folders: built on the meta device and assigned; tied embeddings stay one tensor; a folder that
+    lacks a tensor is an error naming it."""
+    from llava_uhd.llm import tiny_qwen2_config
+    from llava_uhd.mllm import LlavaUHDConfig
+    from llava_uhd.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    config = LlavaUHDConfig(encoder="vit_uhd_tiny_patch10_siglip", llm=tiny_qwen2_config(len(tok)),
+                            tokenizer=str(tmp_path / "tok"))
+    saved = LlavaUHD(config).save_pretrained(tmp_path / "ours")
+    model = LlavaUHD.from_pretrained(saved)
+    assert model.llm.lm_head.weight is model.llm.get_input_embeddings().weight
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    state = load_file(str(saved / "model.safetensors"))
+    del state["encoder.norm.weight"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['encoder.norm.weight'\]"):
+        LlavaUHD.from_pretrained(saved)
