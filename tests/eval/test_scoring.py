@@ -201,3 +201,12 @@ def test_ocrbench(tmp_path):
 def test_kind_from_name(name, kind):
     assert kind_from_name(name) == kind
     assert kind_from_name("my_bench", ["index", "A", "B"]) == "mcq"
+
+
+def test_generic_yes_no_kind(tmp_path):
+    rows = [{"index": i, "image": b64_image(i), "question": "Is it red?", "answer": a}
+            for i, a in enumerate(["yes", "yes", "no"])]
+    # "Yes." right; "no" against yes wrong; "" reads as neither: wrong and unparseable -> 1/3
+    scores = score(tmp_path, "my_checks", rows, {0: "Yes.", 1: "no", 2: ""}, kind="yesno")
+    assert scores["overall"]["accuracy"] == pytest.approx(100 / 3)
+    assert scores["counts"]["unparseable"] == 1
