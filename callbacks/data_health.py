@@ -88,5 +88,6 @@ class DataSkipReport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A loader of length 0 skips the epoch loop (and its end hook) altogether: that run trained on nothing.
-        if self.epochs_checked == 0 and trainer.global_step == 0 and trainer.limit_train_batches != 0:
+        asked_for_none = trainer.limit_train_batches == 0 or trainer.max_steps == 0 or trainer.max_epochs == 0
+        if self.epochs_checked == 0 and trainer.global_step == 0 and not asked_for_none:
             self._check(trainer, pl_module)
