@@ -35,7 +35,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_uhd.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llava_uhd.eval",
+                                     description="Benchmarks from local VLMEvalKit TSV files: run, score, table.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer every benchmark row with a model, then score")
     run.add_argument("--model", required=True, help="model folder (LlavaUHD.from_pretrained)")
