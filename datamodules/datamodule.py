@@ -503,6 +503,8 @@ class UHDDataModule(L.LightningDataModule):
         for split in splits.get(stage, ()):
             key, spec = f"data.{split}_shards", hp.get(f"{split}_shards")
             if spec is None:
+                if split == "val" and hp.get("val_tsv"):  # a benchmark TSV is the val set (datamodules.tsv)
+                    continue
                 if split == {"fit": "train", "validate": "val"}.get(stage, "test"):
                     raise SettingsError(f"{key}: {stage} needs shards (a folder, brace pattern, .tar, list, or "
                                         "'synthetic:TASK,n=N')")
