@@ -204,3 +204,21 @@ def test_our_folder_loads_without_random_init_and_keeps_ties(tmp_path):
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['encoder.norm.weight'\]"):
         LlavaUHD.from_pretrained(saved)
+
+
+def test_damaged_release_folders_give_one_clear_error(tmp_path, tokenizer_dir):
+    folder = write_release(tmp_path / "rel", tokenizer_dir)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mm_projector_type": "mlp2x_gelu"}))
+    with pytest.raises(ReleaseError, match="mm_projector_type 'mlp2x_gelu' is not supported"):
+        LlavaUHD.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "mm_hidden_size": 1152}))
+    with pytest.raises(ReleaseError, match="mm_hidden_size 1152 but the encoder is 144 wide"):
+        LlavaUHD.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ReleaseError, match="lists shards that are not there"):
+        LlavaUHD.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ReleaseError, match="not a readable JSON config"):
+        LlavaUHD.from_pretrained(folder)
