@@ -34,6 +34,7 @@ from .errors import SettingsError
 from .llm import tiny_qwen2_config
 from .metrics import VQAMetrics, plot_cell_accuracy
 from .mllm import WEIGHTS_NAME, LlavaUHD, LlavaUHDConfig
+from .release import is_release_folder
 from .tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ def build_llava_uhd(
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Model weights from a Lightning checkpoint or an exported model folder, never unpickling objects."""
     path = Path(path)
+    if path.is_dir() and is_release_folder(path):
+        raise ValueError(f"model.init_from: {path} is a LLaVA-format release; leave model.llm empty so that the "
+                         "folder gives the whole model (configs/release.yaml)")
     if path.is_dir():
         file = path / WEIGHTS_NAME
         if not file.is_file():

@@ -65,3 +65,11 @@ def test_release_overlay_without_a_folder_names_the_setting(release_dir, tmp_pat
     with pytest.raises(ValueError, match="model.init_from: .*is not a model folder"):
         main(args("stage3.yaml", release_dir, shards, tmp_path, "--model.init_from", str(tmp_path / "plain")),
              run=False)
+
+
+def test_a_release_with_an_llm_set_points_to_the_overlay(release_dir, tmp_path):
+    from llava_uhd.stages import SFT
+
+    with pytest.raises(ValueError, match="is a LLaVA-format release; leave model.llm empty"):
+        SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 64}, tokenizer=str(tmp_path / "tok"),
+            init_from=str(release_dir))
