@@ -9,6 +9,7 @@ name in its own log directory.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -94,14 +95,16 @@ def check_ckpt_path(ckpt_path: object) -> None:
         raise SettingsError(f"ckpt_path: no checkpoint file at {path} (or 'last' for the newest run's last.ckpt)")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> UHDCLI:
-    defaults = {"default_config_files": [str(BASE_CONFIG)]}
+def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> UHDCLI:
+    """The app; ``exit_on_error=False`` raises a command-line mistake as ``argparse.ArgumentError`` instead of
+    printing the whole usage and exiting."""
+    defaults = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": exit_on_error}
     return UHDCLI(
         UHDModule,
         UHDDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={name: defaults for name in SUBCOMMANDS},
+        parser_kwargs={"exit_on_error": exit_on_error, **{name: defaults for name in SUBCOMMANDS}},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -128,7 +131,10 @@ def config_error(err: BaseException) -> str | None:
 def cli(args: list[str] | None = None) -> None:
     """``main`` for people: a mistake in a setting or an input ends with one message and exit status 1."""
     try:
-        main(args)
+        main(args, exit_on_error=False)
+    except argparse.ArgumentError as err:  # a malformed command line or config file: the parser's message
+        sys.stderr.write(f"config error: {err}\n(options: python src/main.py fit --help)\n")
+        sys.exit(2)
     except Exception as err:
         message = config_error(err)
         if message is None:

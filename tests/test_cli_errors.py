@@ -79,7 +79,9 @@ def test_shard_spec_mistakes_stop_before_anything_is_written(data, capsys):
 def test_a_wrong_type_in_a_setting_is_a_parser_error(data, capsys):
     with pytest.raises(SystemExit) as info:
         cli(args_for(data, "--trainer.max_steps", "many"))
-    assert info.value.code == 2 and "max_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and 'config error: Parser key "trainer.max_steps"' in err
+    assert "usage:" not in err and "Traceback" not in err  # the message, not a page of usage
 
 
 def test_a_run_on_mostly_broken_data_fails_with_counts_and_shows_skips(data, capsys):
