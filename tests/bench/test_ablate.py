@@ -45,7 +45,7 @@ def test_ablate_writes_a_row_per_config_with_cost_and_seed_records(tmp_path):
     assert rows[0]["learned_runs"] == "0"  # 2 steps: nothing learned, counted as such
     info = json.loads((out / f"{stem}.json").read_text())
     assert info["chance"] == 1 / 4 and info["seeds"] == [0]  # "where" on a 2x2 grid, one seed by default
-    record = json.loads((out / "runs" / stem / "pooling_avg_seed0.json").read_text())
+    record = json.loads((out / "seeds" / stem / "pooling_avg_seed0.json").read_text())
     assert record["set"] == "pooling" and record["seed"] == 0 and record["config_hash"] and record["commit"]
 
 

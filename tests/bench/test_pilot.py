@@ -45,7 +45,7 @@ def test_pilot_seeds_reuse_and_identical_losses(tmp_path, capsys, monkeypatch):
         assert record["commit"] == "c" * 40 and len(record["config_hash"]) == 16 and record["threads"] == 1
         assert record["seed"] == seed and record["questions"] == 4 and not record["reused"]
         assert len(record["loss_curve"]) == 3 and record["train_s"] > 0
-        copy = json.loads((out / "runs" / "pilot_where" / f"pvc_seed{seed}.json").read_text())
+        copy = json.loads((out / "seeds" / "pilot_where" / f"pvc_seed{seed}.json").read_text())
         assert copy["config_hash"] == record["config_hash"]
     assert first[0]["config_hash"] != first[1]["config_hash"]  # the seed is a setting
     assert first[0]["loss_curve"] != first[1]["loss_curve"]  # ... and changes the run

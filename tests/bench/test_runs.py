@@ -2,7 +2,16 @@
 
 import subprocess
 
-from llava_uhd.bench.runs import RunJob, code_version, config_hash, merge, resolved_settings, reuse_decision
+from llava_uhd.bench.runs import (
+    ROOT,
+    RunJob,
+    code_version,
+    config_hash,
+    job_dict,
+    merge,
+    resolved_settings,
+    reuse_decision,
+)
 
 
 def job(tmp_path, **changes):
@@ -37,6 +46,9 @@ def test_fit_args_seed_the_run_and_log_into_its_folder(tmp_path):
         assert flag in args
     assert args[args.index("--trainer.logger.init_args.name") + 1] == "pvc"
     assert args[args.index("--trainer.logger.init_args.version") + 1] == "seed3"
+    # the recorded job names repository configs relative to the repository (no machine's folders)
+    inside = job(tmp_path, configs=(str(ROOT / "configs" / "tiny.yaml"),))
+    assert job_dict(inside)["configs"] == ["configs/tiny.yaml"] and job_dict(inside)["seed"] == 3
 
 
 def test_reuse_is_refused_when_commit_diff_or_config_hash_differ():

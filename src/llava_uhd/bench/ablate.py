@@ -17,7 +17,7 @@ Sets (tiny ViT: 6 blocks; the paper's SO400M has 27 with WTC after blocks 4 and 
 
 Outputs in ``--out``, ``<stem> = ablate_<set>_<task>``: ``<stem>.csv`` (one row per config), ``<stem>_seeds.csv``,
 ``.json``, ``.md``, ``.png`` (accuracy vs encoder GFLOPs: per-seed points, mean +- std), ``_loss.png`` (training
-loss per run; ``learned_at_step`` as in the pilot) and ``runs/<stem>/<config>_seed<s>.json``. The
+loss per run; ``learned_at_step`` as in the pilot) and ``seeds/<stem>/<config>_seed<s>.json``. The
 paper's defaults appear once per set (``pooling_content_adaptive`` = ``wtc_paper`` = ``patch10``): each set
 trains its own run so that a set stands alone.
 """

@@ -24,7 +24,7 @@ seeds with a 95 % Wilson interval (``llava_uhd.bench.stats``), and one row per s
 Outputs in ``--out``, per task ``<stem> = pilot_<task>``: ``<stem>.csv`` (one row per arm), ``<stem>_seeds.csv``
 (one per run), ``<stem>_cells.csv`` (per cell, pooled over seeds), ``<stem>.json``, ``<stem>.md``, ``<stem>.png``
 (heatmaps), ``<stem>_spread.png`` (per-seed points, mean +- std, cut/uncut intervals), ``<stem>_loss.png``, and
-``runs/<stem>/<arm>_seed<s>.json`` (every run: commit, config hash, seed, threads, wall time, scores).
+``seeds/<stem>/<arm>_seed<s>.json`` (every run: commit, config hash, seed, threads, wall time, scores).
 ``learned_at_step`` is the first logged step from which three logged losses in a row stay under 0.05. Trained
 runs stay in ``--runs``; ``--reuse`` re-scores a run instead of training it again only when its recorded code
 version and config hash match the current ones, and says for every run which it did and why.

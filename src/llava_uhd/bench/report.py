@@ -1,7 +1,7 @@
 """Tables and figures of ``bench pilot`` / ``bench ablate`` from their per-run records (``result.json``).
 
 Per arm (or ablation config) a summary row (``stats.summarize``), per run a seed row, per run a JSON copy of
-its record under ``runs/<stem>/`` in the output folder: what a reader needs to check a claim against the runs.
+its record under ``seeds/<stem>/`` in the output folder: what a reader needs to check a claim against the runs.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ SEED_HEADER = ["run", "seed", "accuracy", "learned at step", "cut", "uncut", "tr
 
 
 def write_records(out: Path, stem: str, records: list[dict]) -> None:
-    """Every run's record as ``runs/<stem>/<name>_seed<s>.json`` in ``out`` (stale copies of this stem removed)."""
-    folder = out / "runs" / stem
+    """Every run's record as ``seeds/<stem>/<name>_seed<s>.json`` in ``out`` (stale copies of this stem removed)."""
+    folder = out / "seeds" / stem
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.json"):
         old.unlink()

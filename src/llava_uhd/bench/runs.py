@@ -180,6 +180,16 @@ def run_pool(fn: Callable, items: Sequence, jobs: int = 1, desc: str = "runs") -
     return results
 
 
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (records name no machine's folders)."""
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def job_dict(job: RunJob) -> dict:
-    """The job as plain JSON data (recorded beside its result)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job).items()}
+    """The job as plain JSON data (recorded beside its result), config paths relative to the repository."""
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job).items()}
+    out["configs"] = [_relative(c) for c in job.configs]
+    return out
