@@ -18,6 +18,7 @@ import logging
 import lightning as L
 import torch
 
+from llava_uhd.errors import SettingsError
 from llava_uhd.vision.pvc import average_pool_windows
 
 from .wtc_modules import find_wtc, full_tensor, local_copy
@@ -88,8 +89,9 @@ class ZeroInitCheck(L.Callback):
             self._gradient_pending = [n for n, m in modules if m.fc2.weight.requires_grad]
             dead = [n for n, m in modules if n in self._gradient_pending and is_dead_gate(m)]
             if dead:
-                raise ZeroInitError(f"{', '.join(dead)}: the gate gradient is all zero from the first step: "
-                                    f"{DEAD_GATE_HINT}")
+                message = f"{', '.join(dead)}: the gate gradient is all zero from the first step: {DEAD_GATE_HINT}"
+                # chained to a settings error, so the training app prints it as one line naming the setting
+                raise ZeroInitError(message) from SettingsError(f"model.reinit_wtc_gate: {message}")
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._gradient_pending or getattr(pl_module, "skipping_step", False):
@@ -103,8 +105,8 @@ class ZeroInitCheck(L.Callback):
                 continue
             if not bool(full_tensor(grad).detach().abs().sum() > 0):
                 if is_dead_gate(modules[name]):
-                    raise ZeroInitError(f"{name}: the gate gradient is all zero after the first backward: "
-                                        f"{DEAD_GATE_HINT}")
+                    message = f"{name}: the gate gradient is all zero after the first backward: {DEAD_GATE_HINT}"
+                    raise ZeroInitError(message) from SettingsError(f"model.reinit_wtc_gate: {message}")
                 raise ZeroInitError(
                     f"{name}: the gate gradient (fc2.weight.grad) is all zero after the first backward, so the gate "
                     "can never leave average pooling. Zero only fc2 (W2, b2) at init and keep fc1 (W1) random."

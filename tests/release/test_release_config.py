@@ -13,7 +13,7 @@ from llava_uhd.vision.resize import ReleaseResolutionPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
-from main import main  # noqa: E402
+from main import config_error, main  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 
@@ -51,8 +51,9 @@ def test_release_overlay_builds_the_release_model(stage, cls, release_dir, shard
 
 
 def test_fine_tuning_the_release_stops_on_the_dead_gate_and_runs_with_reinit(release_dir, shards, tmp_path):
-    with pytest.raises(ZeroInitError, match="--model.reinit_wtc_gate true"):
+    with pytest.raises(ZeroInitError, match="--model.reinit_wtc_gate true") as err:
         main(["fit", *args("stage3.yaml", release_dir, shards, tmp_path)])
+    assert config_error(err.value).startswith("model.reinit_wtc_gate: model.encoder.wtc.1")  # one line, no traceback
     cli = main(["fit", *args("stage3.yaml", release_dir, shards, tmp_path, "--model.reinit_wtc_gate", "true")])
     assert cli.trainer.global_step == 1
     assert all(m.fc2.weight.any() for _, m in find_wtc(cli.model.model))  # the gates trained one step
