@@ -76,10 +76,17 @@ class SkipCounter:
         self._new: Counter = Counter()
         self._last_truncated: str | None = None
 
+    named_per_reason = 5  # skips named in a warning per reason and process; the rest at DEBUG level
+    UNNAMED = ("epoch_overflow", "missing_shard", "truncated_shard", "shard_error")  # handler warns for shards
+
     def add(self, reason: str, n: int = 1, detail: str = "") -> None:
         self.total[reason] += n
         self._new[reason] += n
-        log.debug("skipped %d sample(s): %s %s", n, reason, detail)
+        if reason not in self.UNNAMED and self.total[reason] - n < self.named_per_reason:
+            more = " (further ones at DEBUG level)" if self.total[reason] >= self.named_per_reason else ""
+            log.warning("skipped %s: %s%s", reason, detail[:300], more)
+        else:
+            log.debug("skipped %d sample(s): %s %s", n, reason, detail)
 
     def update(self, counts: dict[str, int]) -> None:
         for reason, n in counts.items():
@@ -277,4 +284,4 @@ def decode_stream(samples, decoder: SampleDecoder, skips: SkipCounter):
         try:
             yield decoder(raw)
         except SampleError as exn:
-            skips.add(exn.reason, detail=f"{raw.get('__key__')}: {exn}")
+            skips.add(exn.reason, detail=f"{raw.get('__key__')}: {exn.detail}")

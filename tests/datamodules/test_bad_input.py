@@ -1,6 +1,7 @@
 """A user's mistakes in data: one check for converter and loader, clear converter errors, strict shard specs."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -212,3 +213,15 @@ def test_training_on_nothing_or_on_too_little_fails_with_counts():
     for name, value in (("max_skip_fraction", 1.5), ("batch_token_budget", -5), ("max_batch_size", 0)):
         with pytest.raises(SettingsError, match=f"data.{name}"):
             UHDDataModule(train_shards="x", **{name: value}).check_settings("")
+
+
+def test_loader_skips_name_the_sample(tmp_path, tokenizer, caplog):
+    from .conftest import conversation, write_shards
+
+    samples = [{"__key__": f"junk{i}", "jpg": b"junk", "json": conversation()} for i in range(7)]
+    write_shards(tmp_path, samples, sizes=[[(64, 64)]] * 7)
+    dm = UHDDataModule(train_shards=str(tmp_path), tokenizer=tokenizer, **SMALL)
+    with caplog.at_level(logging.WARNING, logger="datamodules.samples"):
+        assert list(dm.train_dataloader()) == []
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped corrupt_image: junk")]
+    assert len(named) == 5 and "further ones at DEBUG level" in named[-1]  # named, but not a flood
