@@ -5,6 +5,10 @@ A LightningCLI in subclass mode: ``model`` is a stage (``llava_uhd.stages.PreAli
 files hold only what differs; any key can be overridden (``--model.wtc_pooling avg``,
 ``--model.wtc_layers "[4, 18]"``). ``--ckpt_path last`` resumes the newest run of the configured logger
 name in its own log directory.
+
+A mistake in a setting (a ``SettingsError`` from the library, Lightning's ``MisconfigurationException``, a
+parser error) ends in one ``config error: ...`` message and a non-zero exit, without a traceback; settings
+and shard specs are checked before the trainer creates a log folder.
 """
 
 from __future__ import annotations
