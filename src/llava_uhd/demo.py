@@ -10,7 +10,8 @@ exported model folder::
 
 then prints where the logs and checkpoints are and what the last stage answers on three validation
 questions. The models are tiny and train for seconds: the answers show the pipeline works end to end,
-not that the model has learned the task.
+not that the model has learned the task. The model is a tiny ViT-UHD with the ``mlp`` projector (the released
+model's; ``configs/tiny.yaml``); its stage 3 export is a folder ``python -m llava_uhd.generate --model`` takes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "tiny"
+MODEL = "vit_uhd_tiny_patch10_siglip + mlp projector + tiny Qwen2 (configs/tiny.yaml)"
 
 
 def newest(pattern: str) -> Path:
@@ -63,6 +65,8 @@ def main(steps: int = 40) -> None:
     for stage in (1, 2, 3):
         run_dir = newest(f"stage{stage}/version_*/checkpoints").parent.relative_to(ROOT)
         print(f"  stage {stage}: {run_dir}  checkpoints: {run_dir / 'checkpoints'}  export: {run_dir / 'export'}")
+    print(f"\nmodel: {MODEL}; ask it: python -m llava_uhd.generate --model "
+          f"{newest('stage3/version_*/export').relative_to(ROOT)} --image IMAGE --prompt QUESTION")
     print("\nstage 3 on three validation questions:")
     for line in predictions.read_text().splitlines()[:3]:
         record = json.loads(line)
