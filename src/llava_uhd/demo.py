@@ -53,7 +53,8 @@ def main(steps: int = 40) -> None:
     predictions.unlink(missing_ok=True)
     subprocess.run(
         [sys.executable, "src/main.py", "predict", "-c", "configs/stage3.yaml", "-c", "configs/tiny.yaml",
-         "--model.init_from", str(export.relative_to(ROOT)), "--data.test_shards", "synthetic:shapegrid,n=16,seed=1,min_side=64,max_side=256",
+         "--model.init_from", str(export.relative_to(ROOT)),
+         "--data.test_shards", "synthetic:shapegrid,n=16,seed=1,min_side=64,max_side=256",
          "--data.max_batch_size", "1", "--trainer.limit_predict_batches", "3", "--trainer.logger", "false",
          "--trainer.default_root_dir", "runs/tiny/predict",
          "--trainer.callbacks+=callbacks.JSONLPredictionWriter",
