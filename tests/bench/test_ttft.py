@@ -62,3 +62,52 @@ def test_tiny_cli_writes_tables_and_plots(tmp_path, capsys):
     assert result["memory"] and result["machine"] and len(result["ratios"]) == 3
     assert all(r["wall_ratio"] > 0 for r in result["ratios"])
     assert (out / "ttft_tiny.png").stat().st_size > 0
+
+
+def test_moonvit_family_runs_the_rope_encoders_and_writes_its_own_files(tmp_path):
+    from llava_uhd.bench.ttft import build_vits
+
+    vits = build_vits("tiny", "moonvit")
+    assert {k: v.registry_name for k, v in vits.items()} == {"gne": "vit_gne_tiny_patch14_moonvit",
+                                                            "uhd": "vit_uhd_tiny_patch10_moonvit"}
+    assert all(v.cfg.rope == "2d" for v in vits.values())
+    out = tmp_path / "ttft"
+    assert main(["ttft", "--shape", "tiny", "--family", "moonvit", "--resolutions", "512", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "ttft_tiny_moonvit.json").read_text())
+    assert result["family"] == "moonvit" and result["dtype"] == "float32" and not result["compiled"]
+    assert not (out / "ttft_tiny.json").exists()  # only the family asked for
+    assert all(r["ttft_ms"] > 0 for r in result["rows"])
+
+
+def test_compile_models_compiles_each_shared_module_once(monkeypatch, tmp_path):
+    import torch
+
+    from llava_uhd.bench.ttft import build_models, compile_models
+
+    models = build_models("tiny", tiny_tokenizer(tmp_path / "tok"), torch.device("cpu"))
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    compile_models(models)
+    ids = [id(m) for m in compiled]
+    assert len(ids) == len(set(ids))
+    # 2 ViTs (SBE wraps the GNE one), 4 projectors, 1 shared LLM
+    assert len(compiled) == 7 and sum(m is models["gne"].llm for m in compiled) == 1
+    assert models["sbe"].encoder.base in compiled and models["uhd"].encoder in compiled
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "cuda"], "no CUDA device"),
+        (["--shape", "so400m-qwen2-7b", "--compile"], "--compile needs a timed run"),
+        (["--shape", "tiny", "--resolutions", "0"], "--resolutions must be positive"),
+    ],
+)
+def test_ttft_bad_settings_are_one_message(args, message, tmp_path):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match=message):
+        main(["ttft", *args, "--out", str(tmp_path)])

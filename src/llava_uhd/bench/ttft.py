@@ -14,8 +14,9 @@ peak memory.
 
 Shapes (all weights random):
 
-- ``so400m-qwen2-7b``: SO400M encoders + a Qwen2-7B-shaped LLM, counted on the meta device only; TTFT is
-  *modeled* as total FLOPs / an assumed sustained throughput (``--tflops``, stated in every output).
+- ``so400m-qwen2-7b``: SO400M encoders + a Qwen2-7B-shaped LLM. On CPU, counted on the meta device only; TTFT
+  is *modeled* as total FLOPs / an assumed sustained throughput (``--tflops``, stated in every output). With
+  ``--device cuda`` (``--dtype bfloat16``) it is timed for real with CUDA events, beside the paper's figures.
 - ``tiny``: the tiny encoders + a tiny Qwen2 (width 64), timed.
 - ``base``: a ViT-B-shaped encoder (width 768, depth 12, 12 heads; ViT-UHD: patch 10, WTC after blocks 2
   and 8, the SO400M placement 4 / 18 of 27 scaled to 12 blocks) + a Qwen2-0.5B-shaped LLM (hidden 896,
@@ -24,6 +25,8 @@ Shapes (all weights random):
 Timed runs alternate between the encoders inside one process (rotating which goes first each round)
 after a warm-up, and report the median of ``--repeats`` rounds, so every encoder sees the same machine
 state; the printed wall-clock ratios therefore stand beside the FLOP ratios of the same rows.
+``--family`` picks the ViTs (SigLIP-style, or MoonViT-style with 2-D RoPE: the ``vit_*_moonvit`` entries;
+``both`` writes one set of files each) and ``--compile`` times every row eagerly and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ BASE_VIT = dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, pos_embed_
 BASE_WTC = (2, 8)
 SLICES = {"tiny": (112, 6), "base": (336, 9), "so400m-qwen2-7b": (336, 9)}
 """SBE (slice size, max slices) per shape; tiny matches ``vit_sbe_tiny_patch14_siglip``."""
+FAMILIES = ("siglip", "moonvit")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAPER_TTFT_MS = {"uhd": {512: 55, 768: 77, 1024: 121}, "gne": {512: 61, 768: 147, 1024: 297}}
+"""The paper's TTFT plot with Qwen2-7B (read off the figure): ViT-UHD (16x) and MoonViT (GNE + 2x2 merger)."""
+PAPER_FULL_MODEL_MS = {"LLaVA-UHD v3": 153.8, "Qwen2-VL-7B": 301.8}
 
 
 def llm_config(shape: str, vocab_size: int) -> dict:
@@ -100,24 +108,28 @@ def llm_config(shape: str, vocab_size: int) -> dict:
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def build_vits(shape: str) -> dict[str, nn.Module]:
-    """The two ViTs of a shape (GNE and ViT-UHD), built on the current default device, random weights."""
-    if shape == "so400m-qwen2-7b":
-        names = {"gne": "vit_gne_so400m_patch14_siglip", "uhd": "vit_uhd_so400m_patch10_siglip"}
-        return {key: timm.create_model(name) for key, name in names.items()}
-    if shape == "tiny":
-        names = {"gne": "vit_gne_tiny_patch14_siglip", "uhd": "vit_uhd_tiny_patch10_siglip"}
+def build_vits(shape: str, family: str = "siglip") -> dict[str, nn.Module]:
+    """The two ViTs of a shape (GNE and ViT-UHD) of ``family`` (``FAMILIES``), built on the current default
+    device, random weights."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r}; choose one of {FAMILIES}")
+    if shape in ("so400m-qwen2-7b", "tiny"):
+        size = "so400m" if shape == "so400m-qwen2-7b" else "tiny"
+        names = {"gne": f"vit_gne_{size}_patch14_{family}", "uhd": f"vit_uhd_{size}_patch10_{family}"}
         return {key: timm.create_model(name) for key, name in names.items()}
     if shape == "base":
-        return {"gne": create_vit_uhd(BASE_VIT, patch_size=14, wtc_layers=()),
-                "uhd": create_vit_uhd(BASE_VIT, patch_size=10, wtc_layers=BASE_WTC)}
+        from llava_uhd.vision.vit_uhd import MOONVIT_OPTIONS
+
+        options = MOONVIT_OPTIONS if family == "moonvit" else {}
+        return {"gne": create_vit_uhd(BASE_VIT, patch_size=14, wtc_layers=(), **options),
+                "uhd": create_vit_uhd(BASE_VIT, patch_size=10, wtc_layers=BASE_WTC, **options)}
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def build_encoders(shape: str, llm_width: int) -> dict[str, tuple[nn.Module, nn.Module]]:
+def build_encoders(shape: str, llm_width: int, family: str = "siglip") -> dict[str, tuple[nn.Module, nn.Module]]:
     """(encoder, projector) per encoder kind. The ViTs are shared: SBE wraps the GNE ViT, and both ViT-UHD
     variants run the same ViT (sharing weights changes no FLOP and no timing)."""
-    vits = build_vits(shape)
+    vits = build_vits(shape, family)
     slice_size, max_slices = SLICES[shape]
     sbe = SliceEncoder(vits["gne"], slice_size=slice_size, max_slices=max_slices)
     out = {}
@@ -188,12 +200,13 @@ def _encoder_flops(encoder: nn.Module, height: int, width: int):
     return flops, out[0]
 
 
-def count_rows(shape: str, resolutions, text_tokens: int, vocab_size: int, kinds=ENCODERS) -> list[Row]:
+def count_rows(shape: str, resolutions, text_tokens: int, vocab_size: int, kinds=ENCODERS,
+               family: str = "siglip") -> list[Row]:
     """Tokens and FLOPs of every (encoder kind, square resolution), counted on the meta device."""
     config = llm_config(shape, vocab_size)
     with torch.device("meta"):
         llm = load_llm(config).eval()
-        encoders = build_encoders(shape, config["hidden_size"])
+        encoders = build_encoders(shape, config["hidden_size"], family)
     prefill_cache: dict[int, int] = {}
     rows = []
     for kind in kinds:
@@ -329,8 +342,20 @@ class PeakMemory:
 
 # -- timing -------------------------------------------------------------------------------------------------------
 def ttft_step(model: LlavaUHD, input_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[float, float]:
-    """(encoder ms, prefill ms) of one request: image -> prompt embeddings -> first token (KV cache built)."""
+    """(encoder ms, prefill ms) of one request: image -> prompt embeddings -> first token (KV cache built).
+
+    CUDA: timed with CUDA events around the two phases (one synchronisation at the end); CPU: wall clock."""
     device = input_ids.device
+    if device.type == "cuda":
+        start, encoded, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        embeds = model.embed_inputs(input_ids, pixels)
+        encoded.record()
+        logits = model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits
+        logits[0, -1].argmax()
+        done.record()
+        done.synchronize()
+        return start.elapsed_time(encoded), encoded.elapsed_time(done)
     synchronize(device)
     start = time.perf_counter()
     embeds = model.embed_inputs(input_ids, pixels)
@@ -342,17 +367,40 @@ def ttft_step(model: LlavaUHD, input_ids: torch.Tensor, pixels: torch.Tensor) ->
     return (encoded - start) * 1e3, (time.perf_counter() - encoded) * 1e3
 
 
-def measure(rows: list[Row], shape: str, tokenizer, repeats: int, warmup: int, device: str, seed: int = 0) -> None:
+def build_models(shape: str, tokenizer, device: torch.device, dtype: torch.dtype = torch.float32,
+                 family: str = "siglip") -> dict[str, LlavaUHD]:
+    """One LlavaUHD per encoder kind around a shared LLM, on ``device`` in ``dtype`` (random weights)."""
+    config = llm_config(shape, len(tokenizer))
+    with torch.device(device):  # full-size shapes are built where they run, not first in host memory
+        llm = load_llm(config).to(dtype).eval()
+        encoders = build_encoders(shape, config["hidden_size"], family)
+    models = {}
+    for key, (encoder, projector) in encoders.items():
+        cfg = LlavaUHDConfig(encoder=BY_KEY[key].label, projector=BY_KEY[key].projector, llm=config)
+        model = LlavaUHD(cfg, encoder=encoder, projector=projector, llm=llm, tokenizer=tokenizer)
+        models[key] = model.to(device, dtype).eval()
+    return models
+
+
+def compile_models(models: dict[str, LlavaUHD]) -> None:
+    """``torch.compile`` each distinct ViT, projector and the LLM in place (``nn.Module.compile``)."""
+    seen: set[int] = set()
+    for model in models.values():
+        encoder = getattr(model.encoder, "base", model.encoder)  # SBE wraps the GNE ViT
+        for module in (encoder, model.projector, model.llm):
+            if id(module) not in seen:
+                seen.add(id(module))
+                module.compile()
+
+
+def measure(rows: list[Row], shape: str, tokenizer, repeats: int, warmup: int, device: str, seed: int = 0,
+            dtype: torch.dtype = torch.float32, family: str = "siglip", compiled: bool = False) -> None:
     """Fill the timing and memory fields of ``rows`` (one shape): per resolution, alternate encoders."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    config = llm_config(shape, len(tokenizer))
-    llm = load_llm(config).to(device).eval()
-    models = {}
-    for key, (encoder, projector) in build_encoders(shape, config["hidden_size"]).items():
-        cfg = LlavaUHDConfig(encoder=BY_KEY[key].label, projector=BY_KEY[key].projector, llm=config)
-        model = LlavaUHD(cfg, encoder=encoder, projector=projector, llm=llm, tokenizer=tokenizer)
-        models[key] = model.to(device).eval()
+    models = build_models(shape, tokenizer, device, dtype, family)
+    if compiled:
+        compile_models(models)
     by_request: dict[int, list[Row]] = {}
     for row in rows:
         by_request.setdefault(row.request, []).append(row)
@@ -370,8 +418,9 @@ def _measure_group(models: dict[str, LlavaUHD], group: list[Row], desc: str, rep
         ids = model.build_prompt_ids(PROMPT, [(row.height, row.width)])
         if len(ids) != row.prompt_tokens:
             raise RuntimeError(f"{row.label}: {len(ids)} prompt tokens, the FLOP count assumed {row.prompt_tokens}")
+        dtype = next(model.encoder.parameters()).dtype
         inputs[row.encoder] = (torch.tensor([ids], device=device),
-                               torch.randn(1, 3, row.height, row.width, device=device))
+                               torch.randn(1, 3, row.height, row.width, device=device, dtype=dtype))
     for _ in range(warmup - 1):
         for row in group:
             ttft_step(models[row.encoder], *inputs[row.encoder])
@@ -481,7 +530,7 @@ def _machine() -> str:
 
 def write(result: dict, rows: list[Row], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"ttft_{result['shape']}"
+    stem = out / f"ttft_{result['shape']}{result.get('suffix', '')}"
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".png")]
     with open(paths[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -500,20 +549,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolutions", nargs="+", type=int, default=list(RESOLUTIONS), help="square request sides")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the last one probes memory)")
-    parser.add_argument("--device", default="cpu", help="device for the timed shapes (cpu or cuda)")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the timed shapes (cpu or cuda; with cuda every shape is timed)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bf16 on CUDA")
+    parser.add_argument("--family", choices=[*FAMILIES, "both"], default=None,
+                        help="ViTs: SigLIP-style, MoonViT-style (2-D RoPE), or both (default: both on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also time every row under torch.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
                         help="assumed sustained TFLOP/s for the modeled TTFT of the so400m-qwen2-7b shape")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ttft"))
 
 
+def paper_lines(rows: list[Row]) -> list[str]:
+    """Measured TTFT beside the paper's (Qwen2-7B), where the paper has a figure for the row."""
+    lines = []
+    for row in rows:
+        paper = PAPER_TTFT_MS.get(row.encoder, {}).get(row.request)
+        if paper is not None and row.ttft_ms is not None:
+            lines.append(f"  {row.label:24s} {row.request}^2: measured {row.ttft_ms:7.1f} ms, paper ~{paper} ms")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: no CUDA device is available here")
+    if any(r <= 0 for r in args.resolutions):
+        raise SystemExit(f"error: --resolutions must be positive, got {args.resolutions}")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    family = args.family or ("both" if device.type == "cuda" else "siglip")
+    timed = args.shape != "so400m-qwen2-7b" or device.type == "cuda"
+    if timed and (args.repeats < 1 or args.warmup < 1):
+        raise SystemExit("--repeats and --warmup must be >= 1 for a timed shape")
+    if args.compile and not timed:
+        raise SystemExit("error: --compile needs a timed run (--shape tiny / base, or --device cuda)")
     tokenizer = tiny_tokenizer()
     text_tokens = text_token_count(tokenizer)
-    timed = args.shape != "so400m-qwen2-7b"
-    rows = count_rows(args.shape, args.resolutions, text_tokens, len(tokenizer))
+    for fam in FAMILIES if family == "both" else (family,):
+        for compiled in (False, True) if args.compile else (False,):
+            run_one(args, tokenizer, text_tokens, fam, compiled, dtype, timed)
+    return 0
+
+
+def run_one(args: argparse.Namespace, tokenizer, text_tokens: int, family: str, compiled: bool, dtype: torch.dtype,
+            timed: bool) -> None:
+    """One table: the shape's four encoders of one ViT family, eager or compiled."""
+    rows = count_rows(args.shape, args.resolutions, text_tokens, len(tokenizer), family=family)
+    dtype_name = str(dtype).removeprefix("torch.")
     result = {
         "shape": args.shape,
         "command": "python -m llava_uhd.bench ttft " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["ttft"] else []),
@@ -521,15 +606,21 @@ def run(args: argparse.Namespace) -> int:
         "text_tokens": text_tokens,
         "llm": llm_config(args.shape, len(tokenizer)),
         "encoders": {k.key: k.label for k in ENCODERS},
+        "family": family,
+        "compiled": compiled,
+        "suffix": ("" if family == "siglip" else f"_{family}") + ("_compiled" if compiled else ""),
         "flops": "torch FlopCounterMode on the meta device, batch 1; prefill with KV cache, last-position logits only",
     }
     if timed:
-        if args.repeats < 1 or args.warmup < 1:
-            raise SystemExit("--repeats and --warmup must be >= 1 for a timed shape")
-        measure(rows, args.shape, tokenizer, args.repeats, args.warmup, args.device)
-        result.update(device=args.device, machine=_machine(), repeats=args.repeats, warmup=args.warmup,
-                      memory=PeakMemory.method(torch.device(args.device)), dtype="float32")
-        result["title"] = (f"TTFT, {args.shape} shape, random weights, fp32, {args.device} ({result['machine']}), "
+        measure(rows, args.shape, tokenizer, args.repeats, args.warmup, args.device, dtype=dtype, family=family,
+                compiled=compiled)
+        device = torch.device(args.device)
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else _machine()
+        result.update(device=args.device, machine=machine, repeats=args.repeats, warmup=args.warmup,
+                      memory=PeakMemory.method(device), dtype=dtype_name,
+                      timing="CUDA events" if device.type == "cuda" else "wall clock (perf_counter)")
+        result["title"] = (f"TTFT, {args.shape} shape, {family} ViTs, random weights, {dtype_name}"
+                           f"{', torch.compile' if compiled else ''}, {args.device} ({machine}), "
                            f"median of {args.repeats}")
     else:
         for row in rows:
@@ -538,17 +629,22 @@ def run(args: argparse.Namespace) -> int:
         result["modeled_ttft"] = f"total FLOPs / {args.tflops:g} TFLOP/s sustained (assumption, not a measurement)"
         result["checks"] = flop_checks(text_tokens, args.tflops)
         result["release_setting"] = release_setting_flops(text_tokens)
-        result["title"] = f"TTFT modeled at {args.tflops:g} TFLOP/s sustained: SO400M encoders + Qwen2-7B shape"
+        result["title"] = (f"TTFT modeled at {args.tflops:g} TFLOP/s sustained: SO400M {family} encoders + "
+                           "Qwen2-7B shape")
     result["ratios"] = ratios(rows)
     paths = write(result, rows, args.out)
 
     print(result["title"])
     print(f"prompt: {text_tokens} text tokens + the visual tokens; FLOPs: {result['flops']}")
     if timed:
-        print(f"peak memory: {result['memory']}")
+        print(f"peak memory: {result['memory']}; timing: {result['timing']}")
     print(format_table(rows))
     print("\nTTFT ratios, GNE over each encoder (wall-clock from the same alternating run):")
     print(format_ratios(result["ratios"]))
+    if timed and args.shape == "so400m-qwen2-7b":
+        print("\nBeside the paper (its TTFT plot, Qwen2-7B; MoonViT = GNE + merger):")
+        print("\n".join(paper_lines(rows)) or "  (no request at 512 / 768 / 1024)")
+        print("  full models in the paper: " + ", ".join(f"{k} {v} ms" for k, v in PAPER_FULL_MODEL_MS.items()))
     if not timed:
         c = result["checks"]
         print(f"\nFLOP reproduction: GNE SO400M/14 encoder at 1022^2 ({c['gne_encoder_tokens_1022']} tokens) = "
@@ -568,4 +664,3 @@ def run(args: argparse.Namespace) -> int:
                   f"{e['uhd_mlp']['input'][0]}^2, {e['uhd_mlp']['llm_tokens']} tokens, "
                   f"{e['uhd_mlp']['ttft_tflop']:.2f} TFLOP -> {e['ttft_flop_ratio']:.2f}x")
     print("written: " + ", ".join(str(p) for p in paths))
-    return 0
