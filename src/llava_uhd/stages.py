@@ -142,6 +142,7 @@ class UHDModule(L.LightningModule):
         tokenizer: str | None = None,
         llm_dtype: str | None = None,
         vision_markers: bool = False,
+        resize_policy: Literal["default", "release"] | None = None,
         init_from: str | None = None,
         reinit_wtc_gate: bool = False,
         trainable: list[str] | None = None,
@@ -168,6 +169,8 @@ class UHDModule(L.LightningModule):
             tokenizer: tokenizer directory (default: the LLM's directory).
             llm_dtype: LLM weight dtype at load, e.g. ``bfloat16``.
             vision_markers: wrap image tokens in <|vision_start|>/<|vision_end|> in prompts.
+            resize_policy: image resize rule, ``default`` (ours) or ``release`` (the released model's); None: the
+                model folder's (``init_from`` with ``llm`` empty), else ``default``. Saved with the exported model.
             init_from: weights to start from (a previous stage's ``.ckpt`` or exported folder); not a resume.
                 With ``llm`` empty: a model folder (ours or a release) giving architecture, weights and tokenizer.
             reinit_wtc_gate: after loading, re-initialise every content-adaptive WTC gate (W1 random, W2 and b2
@@ -222,6 +225,8 @@ class UHDModule(L.LightningModule):
                 raise
             if init_from:
                 self.load_weights(init_from)
+        if resize_policy is not None:
+            self.model.config.resize_policy = resize_policy
         if reinit_wtc_gate:
             self.reinit_wtc_gates()
         self.trainable_parts = tuple(trainable if trainable is not None else self.default_trainable)

@@ -74,3 +74,11 @@ def test_a_release_with_an_llm_set_points_to_the_overlay(release_dir, tmp_path):
     with pytest.raises(ValueError, match="is a LLaVA-format release; leave model.llm empty"):
         SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 64}, tokenizer=str(tmp_path / "tok"),
             init_from=str(release_dir))
+
+
+def test_resize_policy_can_be_chosen_for_a_stage(release_dir, shards, tmp_path):
+    cli = main(args("stage3.yaml", release_dir, shards, tmp_path, "--model.resize_policy", "default"), run=False)
+    assert cli.model.model.config.resize_policy == "default"
+    assert not isinstance(cli.model.model.policy, ReleaseResolutionPolicy)
+    with pytest.raises(SystemExit):
+        main(args("stage3.yaml", release_dir, shards, tmp_path, "--model.resize_policy", "relase"), run=False)
