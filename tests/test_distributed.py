@@ -23,9 +23,12 @@ from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, probe
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def launch_twice(data: Path, run_dir: Path, overlay: str, *extra: str) -> None:
-    """4 steps saving every 2, then a resume to step 6; probes in ``run_dir/first`` and ``run_dir/resumed``."""
-    common = ("-c", str(CONFIGS / overlay), "--trainer.devices", "2")
+def launch_twice(data: Path, run_dir: Path, overlay: str, *extra: str, data_args: tuple[str, ...] = ()) -> None:
+    """4 steps saving every 2, then a resume to step 6; probes in ``run_dir/first`` and ``run_dir/resumed``.
+
+    ``data_args`` go to both runs: a resume must keep the checkpoint's data settings (the stream resumes mid-epoch).
+    """
+    common = ("-c", str(CONFIGS / overlay), "--trainer.devices", "2", *data_args)
     run_app(app_args(data, run_dir, 4, 2, *common, *extra), threads=1)
     (run_dir / "probe").rename(run_dir / "first")
     output = run_app(app_args(data, run_dir, 6, 2, *common, "--ckpt_path", "last"), threads=1)
@@ -47,8 +50,8 @@ def fsdp2_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdp2")
     nan = ("--model.init_args.nan_steps", "[2]", "--model.init_args.nan_ranks", "[0]")
     # packed (mixed-size) batches: the packed ViT path must go through each sharded block's hooks
-    packed_export = ("--data.packed", "true", "--trainer.callbacks+=callbacks.ExportModel")
-    launch_twice(data, run_dir, "fsdp2.yaml", *packed_export, *nan)
+    export = "--trainer.callbacks+=callbacks.ExportModel"
+    launch_twice(data, run_dir, "fsdp2.yaml", export, *nan, data_args=("--data.packed", "true"))
     return run_dir
 
 
