@@ -322,8 +322,8 @@ class LlavaUHD(nn.Module):
         counts = [self.num_image_tokens(h, w) for h, w in image_sizes]
         return build_prompt(prompt, self.tokenizer, counts, vision_markers=self.config.vision_markers)
 
-    @torch.inference_mode()
-    def generate(
+    @torch.no_grad()  # not inference_mode: tensors the encoder caches here (index orders, RoPE tables) are reused
+    def generate(     # by later training steps, and inference tensors cannot be saved for backward
         self,
         images: Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None,
         prompt: str | list[dict],

@@ -113,3 +113,18 @@ def test_two_images_in_one_prompt(our_dir, image_file, tmp_path, capsys):
     sizes = [tuple(model.preprocess(Image.open(p)).shape[-2:]) for p in (image_file, second)]
     assert record["image_tokens"] == sum(model.num_image_tokens(*s) for s in sizes)
     assert record["images"] == [str(image_file), str(second)]
+
+
+def test_training_after_generate_on_the_same_image_size(release_dir):
+    """Generation leaves no inference-mode tensors in the encoder's caches (index orders, RoPE tables)."""
+    import torch
+
+    model = LlavaUHD.from_pretrained(release_dir)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (44, 52, 3), dtype=np.uint8))
+    model.eval().generate(image, PROMPT, max_new_tokens=2)
+    pixels = model.preprocess(image)
+    ids = torch.tensor([model.build_prompt_ids(PROMPT, [tuple(pixels.shape[-2:])])])
+    model.train()
+    loss = model(input_ids=ids, labels=ids, pixel_values=[pixels]).loss
+    loss.backward()
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
