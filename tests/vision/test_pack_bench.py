@@ -83,7 +83,7 @@ def test_encoder_bench_writes_the_roofline_beside_its_plot(tmp_path, capsys):
     assert whole["share_of_gemm"] == pytest.approx(whole["gflops_per_s"] * 1e9 / (result["gemm_gflops_per_s"] * 1e9))
     assert all(rows[(TINY, p)]["ms"] > 0 for p in PARTS)
     shares = sum(rows[(TINY, p)]["time_share"] for p in (*PARTS, "other"))
-    assert shares >= 1.0 - 1e-6  # parts + other cover the hooked round ('other' is clamped at 0)
+    assert shares >= 1.0 - 1e-6  # parts + other cover the whole forward (other is clamped at 0)
     assert (tmp_path / "roofline.csv").is_file() and (tmp_path / "roofline.png").stat().st_size > 0
     assert json.loads((tmp_path / "vision_bench.json").read_text())["command"].endswith(str(tmp_path))
     assert "of the GEMM rate" in capsys.readouterr().out

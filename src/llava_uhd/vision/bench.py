@@ -5,7 +5,7 @@ a 768^2 request with each encoder's resolution policy, counts FLOPs on the meta 
 *alternately* (UHD, GNE, a large GEMM, UHD, GNE, GEMM, ...) after a warm-up so that all see the same machine
 state. It reports the FLOP ratio, the wall-clock speed-up and their quotient (the requirement: speed-up >= 0.9 x
 FLOP ratio) and the roofline: each encoder's achieved FLOP/s as a share of the GEMM's (fp32 on CPU, bf16 on
-GPU), whole and per part (patch embed, attention, MLP, WTC; parts timed with forward hooks in extra rounds).
+GPU), whole and per part (patch embed, attention, MLP, WTC; parts timed by forward hooks in the same rounds).
 Writes ``vision_bench.{csv,json,png}`` and ``roofline.{csv,png}``.
 
 ``python -m llava_uhd.vision.bench --pack`` encodes the same mixed-size images (a) one by one, (b) packed
@@ -48,25 +48,24 @@ def _setup(device: str, dtype: str | None, threads: int | None) -> tuple[torch.d
     return dev, DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
 
 
-def _roofline_rows(name: str, flops: dict[str, int], whole_ms: float, parts_ms: dict[str, float], hooked_ms: float,
+def _roofline_rows(name: str, flops: dict[str, int], whole_ms: float, parts_ms: dict[str, float],
                    rate: float) -> list[dict]:
-    """Achieved FLOP/s and share of the GEMM rate: the whole encoder from the plain timed rounds (``whole_ms``),
-    each part from the hooked rounds, whose own total ``hooked_ms`` gives ``other`` (outside every part) and the
-    time shares."""
-    rows = [{"model": name, "part": "encoder", "gflop": flops["total"] / 1e9, "ms": whole_ms, "time_share": 1.0}]
+    """Achieved FLOP/s and share of the GEMM rate, whole encoder and per part (medians over the same rounds);
+    ``other`` is the time outside every part (norms, residual adds, pos-embed, token reorder)."""
+    rows = [{"model": name, "part": "encoder", "gflop": flops["total"] / 1e9, "ms": whole_ms}]
     for part in PARTS:
         rows.append({"model": name, "part": part, "gflop": flops[part] / 1e9, "ms": parts_ms[part]})
     rows.append({"model": name, "part": "other", "gflop": flops["other"] / 1e9,
-                 "ms": max(hooked_ms - sum(parts_ms.values()), 0.0)})
+                 "ms": max(whole_ms - sum(parts_ms.values()), 0.0)})
     for row in rows:
         row["gflops_per_s"] = row["gflop"] / (row["ms"] / 1e3) if row["ms"] > 0 else 0.0
         row["share_of_gemm"] = row["gflops_per_s"] * 1e9 / rate
-        row.setdefault("time_share", row["ms"] / hooked_ms)
+        row["time_share"] = row["ms"] / whole_ms
     return rows
 
 
 def run(shape: str, resolution: int, repeats: int, warmup: int, device: str, seed: int = 0,
-        dtype: str | None = None, threads: int | None = None, part_rounds: int = 1) -> dict:
+        dtype: str | None = None, threads: int | None = None, gemm_repeats: int = 3) -> dict:
     dev, torch_dtype = _setup(device, dtype, threads)
     uhd_name, gne_name = PAIRS[shape]
     torch.manual_seed(seed)
@@ -80,27 +79,26 @@ def run(shape: str, resolution: int, repeats: int, warmup: int, device: str, see
         rows[name] = {"model": name, "input_size": f"{size[0]}x{size[1]}", "output_tokens": model.num_tokens(*size),
                       "tflops": flops["total"] / 1e12, "part_flops": flops, "times_ms": []}
     gemm = []
+    parts: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for name, model in models.items():
+        timers[name] = PartTimer(model)  # a few clock reads (CPU) or event records (CUDA) per part call
     with torch.inference_mode():
         for _ in tqdm(range(warmup), desc="warm-up", leave=False):
             for name, model in models.items():
                 model(inputs[name])
+                timers[name].take()
         for _ in tqdm(range(repeats), desc="timed rounds (UHD, GNE, GEMM alternating)"):
             for name, model in models.items():
                 rows[name]["times_ms"].append(time_ms(lambda m=model, x=inputs[name]: m(x), dev))
-            gemm.append(gemm_rate(dev, torch_dtype, repeats=1))
-        hooked = dict.fromkeys(models, 0.0)
-        for name, model in models.items():
-            timers[name] = PartTimer(model)
-        for _ in tqdm(range(part_rounds), desc="per-part rounds (forward hooks)", leave=False):
-            for name, model in models.items():
-                hooked[name] += time_ms(lambda m=model, x=inputs[name]: m(x), dev) / part_rounds
+                parts[name].append(timers[name].take())
+            gemm.append(gemm_rate(dev, torch_dtype, repeats=gemm_repeats))
     rate = statistics.median(gemm)
     roofline = []
     for name, row in rows.items():
-        row["median_ms"] = statistics.median(row["times_ms"])
-        parts_ms = {k: v / part_rounds for k, v in timers[name].collect().items()}
         timers[name].remove()
-        roofline += _roofline_rows(name, row["part_flops"], row["median_ms"], parts_ms, hooked[name], rate)
+        row["median_ms"] = statistics.median(row["times_ms"])
+        parts_ms = {p: statistics.median(r[p] for r in parts[name]) for p in PARTS}
+        roofline += _roofline_rows(name, row["part_flops"], row["median_ms"], parts_ms, rate)
     uhd, gne = rows[uhd_name], rows[gne_name]
     flop_ratio = gne["tflops"] / uhd["tflops"]
     speedup = gne["median_ms"] / uhd["median_ms"]

@@ -174,6 +174,12 @@ class PartTimer:
         self._pending.clear()
         return self.ms
 
+    def take(self) -> dict[str, float]:
+        """The ms per part since the last ``take`` (collected), and start again from zero."""
+        ms = dict(self.collect())
+        self.ms = dict.fromkeys(PARTS, 0.0)
+        return ms
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
