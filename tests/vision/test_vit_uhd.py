@@ -275,3 +275,20 @@ def test_pos_embed_resampling_antialias_is_a_config_option():
             expected = F.interpolate(table, size=(4, 4), mode="bicubic", align_corners=False, antialias=antialias)
             torch.testing.assert_close(model.pos_embed_for((4, 4)), expected[0].flatten(1).T)
         assert (on.pos_embed_for((4, 4)) - off.pos_embed_for((4, 4))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_uhd_tiny_patch10_siglip", "vit_uhd_tiny_patch10_moonvit"])
+def test_encoding_under_inference_mode_leaves_caches_usable_for_training(name):
+    """Lightning validates (and generation runs) under ``torch.inference_mode``; the caches filled there (token
+    order, pos-embed of a frozen grid, RoPE tables) must not poison a later training step on the same grid."""
+    model = timm.create_model(name)
+    model.pos_embed.requires_grad_(False)  # frozen pos-embed: its resampled grid is cached too
+    images = torch.randn(2, 3, 80, 120)
+    with torch.inference_mode():
+        model(images)
+        model([images[0], images[1, :, :40]])
+    model.train()
+    dense = model(images).tokens
+    packed = model([images[0], images[1, :, :40]]).tokens
+    (dense.sum() + packed.sum()).backward()
+    assert model.patch_embed.proj.weight.grad is not None

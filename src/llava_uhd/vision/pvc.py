@@ -33,7 +33,6 @@ def refine_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
     return resized.to(weight.dtype)
 
 
-@lru_cache(maxsize=256)
 def window_major_order(height: int, width: int, levels: int) -> torch.Tensor:
     """Permutation taking row-major tokens of an ``height x width`` grid to window-major order.
 
@@ -41,7 +40,16 @@ def window_major_order(height: int, width: int, levels: int) -> torch.Tensor:
     its position inside each nested 2x2 window from the coarsest level to the finest. After ``levels``
     2x2 merges of consecutive quadruples, the surviving tokens are in row-major order of the final grid,
     so no inverse permutation is needed at the end.
+
+    Cached; always built outside inference mode, so an order first asked for under ``torch.inference_mode``
+    (Lightning's validation, generation) stays usable by a later training step that saves it for backward.
     """
+    with torch.inference_mode(False):
+        return _window_major_order(height, width, levels)
+
+
+@lru_cache(maxsize=256)
+def _window_major_order(height: int, width: int, levels: int) -> torch.Tensor:
     step = 1 << levels
     if height % step or width % step:
         raise ValueError(f"grid {height}x{width} is not divisible by {step} ({levels} 2x2 compression steps)")

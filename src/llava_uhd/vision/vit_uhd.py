@@ -436,14 +436,16 @@ class ViTUHD(VisionTransformer):
     def rope_for(self, grid: tuple[int, int], levels: int, device: torch.device) -> RopeTable:
         """RoPE (sin, cos) [h*w, head_dim] for ``grid`` in window-major order with ``levels`` WTC steps to come.
 
-        Fixed (no parameters, no gradient), so always cached per (grid, levels, device)."""
+        Fixed (no parameters, no gradient), so always cached per (grid, levels, device), and built outside
+        inference mode so that a table first made under ``torch.inference_mode`` can be saved for backward."""
         key = (grid, levels, device)
         table = self._rope_cache.get(key)
         if table is None:
             if len(self._rope_cache) > 256:
                 self._rope_cache.clear()
             cfg = self.cfg
-            table = rope_table(grid[0], grid[1], levels, cfg.head_dim, cfg.rope_theta, device=device)
+            with torch.inference_mode(False):  # a table first built for inference must serve training too
+                table = rope_table(grid[0], grid[1], levels, cfg.head_dim, cfg.rope_theta, device=device)
             self._rope_cache[key] = table
         return table
 
