@@ -90,3 +90,13 @@ def test_jpeg_and_png_paths_agree():
         tensors.append(preprocess(Image.open(buffer), policy))
     assert tensors[0].shape == tensors[1].shape
     assert (tensors[0] - tensors[1]).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("height, width", [(3000, 10), (10, 3000), (5000, 1)])
+def test_strips_fit_a_small_area_budget(height, width):
+    """A strip whose short side is one multiple already still gets a size within the budget (was: max() of nothing)."""
+    policy = ResolutionPolicy(min_pixels=40 * 40, max_pixels=160 * 160, multiple=40)
+    h, w = policy.target_size(height, width)
+    assert h % 40 == 0 and w % 40 == 0 and h * w <= policy.max_pixels
+    assert min(h, w) == 40 and max(h, w) == 160 * 160 // 40 // 40 * 40
+    assert (h > w) == (height > width)

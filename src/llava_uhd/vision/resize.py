@@ -72,7 +72,11 @@ class ResolutionPolicy:
                 candidates.append((h, w))
         valid = [(h, w) for h, w in candidates if self.min_pixels <= h * w <= self.max_pixels]
         if not valid:  # extreme aspect ratio: max_side forbids reaching min_pixels; take the largest that fits
-            valid = [max((c for c in candidates if c[0] * c[1] <= self.max_pixels), key=lambda c: c[0] * c[1])]
+            fits = [c for c in candidates if c[0] * c[1] <= self.max_pixels]
+            if not fits:  # the short side is at one multiple already: shorten the long side to the area budget
+                fits = [(max(m, min(h, self.max_pixels // w // m * m)), w) if h >= w
+                        else (h, max(m, min(w, self.max_pixels // h // m * m))) for h, w in candidates]
+            valid = [max(fits, key=lambda c: (c[0] * c[1] <= self.max_pixels, c[0] * c[1]))]
         return min(
             valid, key=lambda hw: (round(abs(math.log(hw[0] / hw[1] / aspect)), 3), abs(hw[0] * hw[1] - target_area))
         )
