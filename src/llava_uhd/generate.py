@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def open_images(paths: list[str]) -> list:
-    """Decode every image fully now, so a damaged file is reported before the model is loaded."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode every image fully now (EXIF orientation applied), so a damaged file is reported before loading."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     images = []
     for path in paths:
@@ -63,7 +63,7 @@ def open_images(paths: list[str]) -> list:
         try:
             with Image.open(path) as image:
                 image.load()
-                images.append(image.copy())
+                images.append(ImageOps.exif_transpose(image))  # a phone photo upright, as it is shown
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise UsageError(f"--image: cannot read {path} as an image ({err})") from err
     return images

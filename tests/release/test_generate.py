@@ -128,3 +128,16 @@ def test_training_after_generate_on_the_same_image_size(release_dir):
     loss = model(input_ids=ids, labels=ids, pixel_values=[pixels]).loss
     loss.backward()
     assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_exif_rotated_photo_is_read_upright(tmp_path):
+    """A phone JPEG stored landscape with orientation 6 (rotate 90) reaches the model as the portrait it shows."""
+    from llava_uhd.generate import open_images
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    stored.save(tmp_path / "plain.jpg", quality=95)
+    rotated, plain = open_images([str(tmp_path / "phone.jpg"), str(tmp_path / "plain.jpg")])
+    assert rotated.size == (30, 60) and plain.size == (60, 30)
