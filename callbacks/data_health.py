@@ -58,8 +58,10 @@ class DataSkipReport(L.Callback):
 
     def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, dict[str, int]]:
         """This epoch's used samples and skips by reason, summed over ranks."""
-        reasons = sorted(set(SKIP_REASONS) | set(self.skipped))
-        local = torch.tensor([self.used] + [self.skipped.get(r, 0) for r in reasons], dtype=torch.float64,
+        unbatched = getattr(trainer.datamodule, "unbatched_skips", None)  # workers whose samples all failed
+        skipped = self.skipped + Counter(unbatched() if unbatched is not None else {})
+        reasons = sorted(set(SKIP_REASONS) | set(skipped))
+        local = torch.tensor([self.used] + [skipped.get(r, 0) for r in reasons], dtype=torch.float64,
                              device=pl_module.device)
         total = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
         values = [int(v) for v in total.tolist()]

@@ -41,6 +41,8 @@ import logging
 import multiprocessing
 import os
 import random
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache, partial
 
@@ -74,6 +76,8 @@ from datamodules.stream_state import (
 )
 from llava_uhd.errors import SettingsError
 from llava_uhd.vision.resize import ResolutionPolicy
+
+SKIPS_ONLY = "skips_only"  # marks a worker's skip counts sent without a batch; the loader never yields it
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger(__name__)
@@ -241,6 +245,10 @@ class ShardStream(IterableDataset):
             pending = batch
         if pending is not None:
             yield self._collate(pending)
+        else:  # no batch to carry this worker's skips (every sample skipped): send them alone
+            skips = self.skips.pop_new()
+            if any(skips.values()):
+                yield {"skips": skips, SKIPS_ONLY: True}
 
     def _collate(self, samples: list) -> dict:
         batch = collate(samples, self.pad_token_id)
@@ -321,6 +329,7 @@ class StreamLoader(DataLoader):
         self.allow_restart = allow_restart
         self.tally = Tally()
         self.restored = False  # a stream state from a checkpoint was applied
+        self.unbatched_skips: Counter = Counter()  # this epoch's skips from workers that delivered no batch
         self.warned = False
 
     def __iter__(self):
@@ -329,9 +338,13 @@ class StreamLoader(DataLoader):
             epoch = self.dataset.epoch.value
         if self.tally.epoch != epoch:
             self.tally = Tally(epoch)
+            self.unbatched_skips = Counter()
         resuming, delivered = self.restored and epoch == self.dataset.resume_epoch, 0
         for batch in super().__iter__():
             self.skips.update(batch.get("skips", {}))
+            if batch.get(SKIPS_ONLY):  # a worker that made no batch: its skips, never a training step
+                self.unbatched_skips.update(batch["skips"])
+                continue
             delivered += 1
             yield batch
         if resuming:
@@ -541,6 +554,12 @@ class UHDDataModule(L.LightningDataModule):
             self._tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_path)
         return self._tokenizer
 
+    def unbatched_skips(self) -> dict[str, int]:
+        """This epoch's training skips that reached no batch (a worker whose samples were all skipped), so a
+        report of an epoch that trained on nothing still says why."""
+        loader = self._train_loader
+        return dict(loader.unbatched_skips) if isinstance(loader, StreamLoader) else {}
+
     @property
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason, added up over every batch the loaders have delivered so far."""
@@ -611,6 +630,8 @@ class UHDDataModule(L.LightningDataModule):
         """Lightning calls this on resume, before the first training batch (and before or after the training
         loader is built)."""
         self._stream_state = state.get("train_stream")
+        if self._stream_state is not None:  # Lightning cannot see that this loader resumes mid-epoch: it does
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         self._apply_stream_state()
 
     def _apply_stream_state(self) -> None:

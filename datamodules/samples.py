@@ -239,7 +239,8 @@ def _conversation(sample: dict, caption_prompt: str) -> tuple[list[dict], dict, 
             raise SampleError("bad_json", f"txt is not UTF-8 text: {exn}") from exn
         turns = [{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": caption}]
         return turns, {"task": "caption", "question": caption_prompt, "answer": caption}, None
-    raise SampleError("no_text")
+    members = sorted(k for k in sample if not k.startswith("__"))
+    raise SampleError("no_text", f"no json or txt member beside {', '.join(members) or 'nothing'}")
 
 
 @dataclass

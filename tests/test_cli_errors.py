@@ -106,8 +106,20 @@ def test_the_same_run_passes_with_a_looser_skip_share(data, capsys, tmp_path):
 def test_a_run_that_trains_on_nothing_fails_and_leaves_no_checkpoint(data, tmp_path, capsys):
     message = fails(args_for(tmp_path, "--data.train_shards", str(data / "broken")), capsys)
     assert f"config error: data.train_shards: no usable training sample in '{data / 'broken'}'" in message
-    assert "epoch 0: trained on 0 samples" in message
+    assert "epoch 0: trained on 0 samples; skipped 6 (corrupt_image: 6)" in message
     assert not list((tmp_path / "runs").rglob("*.ckpt")) and not list((tmp_path / "runs").rglob("export"))
+
+
+def test_a_shard_of_images_without_json_names_the_reason(tmp_path, capsys, caplog):
+    # every sample skipped, so no batch carries the counts: they still reach the console and the message
+    writer = ShardSetWriter(str(tmp_path / "nojson"), 4)
+    for i in range(3):
+        writer.write({"__key__": f"img{i}", "jpg": (ROOT / "tests" / "__init__.py").read_bytes()}, [(64, 64)])
+    writer.close()
+    message = fails(args_for(tmp_path, "--data.train_shards", str(tmp_path / "nojson")), capsys)
+    assert "no usable training sample" in message and "(skipped 3: no_text: 3)" in message
+    assert "no json or txt member beside jpg" in caplog.text  # the named skip says what is missing
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_learning_rate_parts_are_checked():

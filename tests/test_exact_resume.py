@@ -125,6 +125,7 @@ def test_sigkill_mid_epoch_then_resume_trains_every_sample_once(tmp_path_factory
     cut = kill_after_checkpoint(args, tmp_path, 2, ranks)
     output = resume(args, tmp_path)
     assert "no data stream position" not in output
+    assert "dataloader is not resumable" not in output  # Lightning's false alarm is silenced: this one resumes
     assert trained_once(tmp_path, cut, ranks) == ALL_KEYS
 
 
