@@ -44,8 +44,8 @@ def convert_release(src: str | Path, out: str | Path, resize_policy: str = "rele
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ReleaseError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-        if out.resolve() == src.resolve():
-            raise ReleaseError("--out: must differ from --src")
+        if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+            raise ReleaseError(f"--out: {out} holds --src {src}; replacing it would delete the release")
     with tqdm(total=2, desc="convert (read release, write folder)", unit="step") as steps:
         model = load_release(src, resize_policy=resize_policy, progress=True)
         steps.update()

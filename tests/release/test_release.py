@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -183,6 +184,16 @@ def test_convert_command_fails_clearly(release_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code != 0 and message in err, err
         assert "Traceback" not in err
+
+
+def test_overwrite_refuses_a_folder_that_holds_the_release(release_dir, tmp_path, capsys):
+    """``--out`` a parent of ``--src`` with ``--overwrite`` would delete the release: refused."""
+    src = tmp_path / "parent" / "release"
+    shutil.copytree(release_dir, src)
+    args = ["release", "--src", str(src), "--out", str(tmp_path / "parent"), "--overwrite"]
+    assert convert_main(args) == 1
+    assert "holds --src" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in release_dir.iterdir())
 
 
 def test_our_folder_loads_without_random_init_and_keeps_ties(tmp_path):
