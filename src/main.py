@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules import UHDDataModule
+from llava_uhd.checkpoint_io import UNREADABLE, unreadable_checkpoint
 from llava_uhd.errors import SettingsError
 from llava_uhd.stages import UHDModule
 
@@ -48,6 +49,15 @@ class UHDCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1,
                              "checkpoint.every_n_train_steps": 1000})
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path file's hyperparameters before anything else: a corrupt file is the
+        # user's error there, not a traceback.
+        try:
+            super()._parse_ckpt_path()
+        except UNREADABLE as err:
+            raise unreadable_checkpoint("ckpt_path", self.config[self.config.subcommand].get("ckpt_path"), err
+                                        ) from err
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -146,3 +146,19 @@ def test_init_from_does_not_report_tied_embeddings_as_left_at_init(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="llava_uhd.stages"):
         SFT(**kwargs, init_from=str(tmp_path / "export"))
     assert "left at init projector." in caplog.text and "embed_tokens" not in caplog.text
+
+
+def test_a_corrupt_checkpoint_is_named_not_a_traceback(data, tmp_path, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x80\x02 not a checkpoint" * 64)
+    message = fails(args_for(tmp_path, "--ckpt_path", str(junk)), capsys)
+    assert f"config error: ckpt_path: {junk} is not a readable checkpoint" in message
+    assert not runs_written(tmp_path)  # found before a log folder is made
+    message = fails(args_for(tmp_path, "--model.init_from", str(junk)), capsys)
+    assert f"config error: model.init_from: {junk} is not a readable checkpoint" in message
+    # a damaged last.ckpt, found by `--ckpt_path last` (read by the trainer, not by the parser)
+    last = tmp_path / "runs" / "stage2" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04" + b"\x00" * 256)
+    message = fails(args_for(tmp_path, "--ckpt_path", "last"), capsys)
+    assert f"config error: ckpt_path: {last} is not a readable checkpoint" in message

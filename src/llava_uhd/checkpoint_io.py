@@ -12,6 +12,8 @@ Remote paths (``s3://``, ...) keep Lightning's behaviour.
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,36 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from llava_uhd.errors import SettingsError
+
 PARTIAL = ".partial-"
 
 
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(setting: str, path: object, err: BaseException) -> SettingsError:
+    """The user's error for a checkpoint file ``torch.load(weights_only=True)`` cannot read: corrupt, truncated,
+    not a torch file, or holding pickled objects (which are never unpickled)."""
+    if isinstance(err, pickle.UnpicklingError):
+        why = "it is corrupt, or holds pickled objects other than tensors and plain values (never unpickled here)"
+    else:
+        lines = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {lines[0][:200] if lines else 'unreadable'}"
+    return SettingsError(f"{setting}: {path} is not a readable checkpoint ({why})")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are write-to-temp + fsync + ``os.replace``."""
+    """``TorchCheckpointIO`` whose local saves are write-to-temp + fsync + ``os.replace``; loads never unpickle
+    objects, and a file that cannot be read is the user's error naming ``ckpt_path``, not a traceback."""
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            return super().load_checkpoint(path, weights_only=True, **kwargs)
+        except UNREADABLE as err:
+            raise unreadable_checkpoint("ckpt_path", path, err) from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         fs, local = url_to_fs(str(path))

@@ -26,10 +26,12 @@ import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint_io import UNREADABLE, unreadable_checkpoint
 from .errors import SettingsError
 from .llm import tiny_qwen2_config
 from .metrics import VQAMetrics, plot_cell_accuracy
@@ -99,10 +101,18 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         file = path / WEIGHTS_NAME
         if not file.is_file():
             raise FileNotFoundError(f"model.init_from: {path} has no {WEIGHTS_NAME} (not an exported model folder)")
-        return load_file(str(file))
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise unreadable_checkpoint("model.init_from", file, err) from err
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except UNREADABLE as err:
+        raise unreadable_checkpoint("model.init_from", path, err) from err
+    if not isinstance(checkpoint, dict):
+        raise SettingsError(f"model.init_from: {path} holds a {type(checkpoint).__name__}, not a checkpoint")
     state = checkpoint.get("state_dict", checkpoint)
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
 
