@@ -41,6 +41,26 @@ def test_jpeg_and_grey_images_come_back_rgb(tmp_path):
     assert bench.load_image(bench.rows[0]).mode == "RGB"
 
 
+def test_sixteen_bit_and_transparent_images_get_the_pixels_generate_and_training_get(tmp_path):
+    """PIL's plain RGB conversion saturates 16-bit PNGs to white and drops alpha; eval uses the product's."""
+    from PIL import Image
+
+    from llava_uhd.vision.resize import to_rgb
+
+    deep = Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16))
+    clear = drawn_image(2).convert("RGBA")
+    clear.putalpha(0)
+    rows = []
+    for i, image in enumerate((deep, clear)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows.append({"index": i, "image": base64.b64encode(buffer.getvalue()).decode(), "question": "q", "answer": "a"})
+    bench = read_benchmark(write_tsv(tmp_path / "GQA.tsv", rows))
+    got_deep, got_clear = (np.asarray(bench.load_image(r)) for r in bench.rows)
+    assert np.array_equal(got_deep, np.asarray(to_rgb(deep))) and got_deep.mean() < 200
+    assert (got_clear == 255).all()
+
+
 def test_answer_lists_are_parsed_without_eval():
     assert parse_answers('["a", "b"]') == ["a", "b"]
     assert parse_answers("['it''s', \"don't\"]") == ["its", "don't"]  # Python literal (adjacent strings join)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava_uhd.vision.resize import to_rgb
+
 MAX_IMAGE_PIXELS = 16384 * 16384
 """Images whose header claims more pixels are refused before decoding (a decompression bomb)."""
 _REFERENCE_MAX_LEN = 64
@@ -150,7 +152,7 @@ def _open(source, where: str) -> Image.Image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise EvalError(f"{where}: image claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} limit")
-        return image.convert("RGB")
+        return to_rgb(image)  # the product's conversion: 16-bit keeps its range, alpha on white, as in training
     except EvalError:
         raise
     except Exception as err:  # PIL raises many types for undecodable bytes
