@@ -16,12 +16,13 @@ import io
 import json
 import logging
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from llava_uhd.conversation import (
     DEFAULT_SYSTEM,
@@ -145,10 +146,16 @@ def image_members(sample: dict) -> list[bytes]:
 
 def open_image(data: bytes, max_image_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """PIL image from bytes, with the header checked before any pixel is decoded."""
+    if not data:
+        raise SampleError("corrupt_image", "empty image member (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the pixel limit is checked below, against max_image_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exn:
         raise SampleError("decompression_bomb", str(exn)) from exn
+    except UnidentifiedImageError as exn:
+        raise SampleError("corrupt_image", f"not an image format PIL can identify ({len(data)} bytes)") from exn
     except Exception as exn:
         raise SampleError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
     width, height = image.size

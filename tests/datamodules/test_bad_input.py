@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import warnings
 
 import pytest
 
@@ -76,6 +77,18 @@ def test_the_check_fully_decodes_images_not_just_the_header():
         check_sample(raw)
     assert info.value.reason == "corrupt_image"
     assert check_sample({**raw, "jpg": image_bytes(64, 64)}).orig_sizes == [(64, 64)]
+
+
+def test_empty_unknown_and_oversized_images_are_named_plainly():
+    for data, reason, detail in [(b"", "corrupt_image", "empty image member (0 bytes)"),
+                                 (b"GIF89a junk", "corrupt_image", "not an image format PIL can identify (11 bytes)"),
+                                 (bomb_png(13_000, 13_000), "decompression_bomb", "13000x13000")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PIL's own bomb warning is not printed beside our check
+            with pytest.raises(SampleError) as info:
+                check_sample({"__key__": "k", "png": data, "txt": b"a caption"}, max_image_pixels=100_000_000)
+        assert (info.value.reason, info.value.detail[:len(detail)]) == (reason, detail)
+        assert " at 0x" not in info.value.detail  # no object address
 
 
 def _exit_message(args, capsys) -> tuple[object, str]:
