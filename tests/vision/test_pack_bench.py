@@ -109,3 +109,11 @@ def test_bad_input_is_one_clear_message(args, message, capsys, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_out_path_that_is_a_file_stops_before_any_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_pack", lambda *a, **k: pytest.fail("timed before checking --out"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--pack", "--model", TINY, "--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err

@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
     if model not in timm.list_models("vit_uhd_*") + timm.list_models("vit_gne_*"):
         parser.error(f"--model: unknown encoder {model!r}; choose from {timm.list_models('vit_[ug]*')}")
     command = "python -m llava_uhd.vision.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:  # before minutes of timing: a results folder that cannot be made is one message now
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.exit(2, f"error: --out {args.out}: cannot create the results folder ({err.strerror})\n")
     try:
         if args.pack:
             result = run_pack(model, args.sizes, args.repeats, args.warmup, args.device, dtype=args.dtype,
