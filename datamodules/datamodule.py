@@ -595,6 +595,9 @@ class UHDDataModule(L.LightningDataModule):
             batches_per_epoch=hp.batches_per_epoch if train else hp.eval_batches,
         )
         workers = hp.num_workers
+        # Lightning warns that an IterableDataset's __len__ may be wrong under workers; this one's is the plan of
+        # what each worker yields (the padding and the epoch_overflow cut keep it exact), so the warning is noise.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return StreamLoader(stream, self.counter, allow_restart=hp.allow_restart, num_workers=workers,
                             pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers and workers > 0)
 
