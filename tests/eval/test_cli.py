@@ -76,6 +76,12 @@ def test_bad_predictions(tmp_path, bench, capsys):
     empty.write_text("")
     fails(capsys, [*args, str(empty)], "no predictions to score")
     fails(capsys, [*args, str(tmp_path / "missing.jsonl")], "predictions file not found")
+    fails(capsys, [*args, str(tmp_path)], "a folder, not a predictions file")
+    fails(capsys, ["score", "--data", str(tmp_path), "--predictions", str(empty)], "a folder, not a benchmark file")
+    fails(capsys, ["tiny", "--out", str(empty)], "a file, not a folder")
+    for name, text in [("g", "garbage\n"), ("l", "[1, 2]\n"), ("n", '{"index": 0}\n')]:  # whole lines, not records
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        fails(capsys, [*args, str(tmp_path / f"{name}.jsonl")], "line 1: not a prediction record")
 
 
 def test_bad_arguments(tmp_path, bench, capsys):

@@ -132,6 +132,8 @@ def cmd_table(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import write_tiny
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out}: a file, not a folder")
     for name, path in write_tiny(args.out, args.rows).items():
         print(f"{name}: {path}")
 

@@ -38,13 +38,15 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
     """Records of a predictions file, in file order. A broken *last* line (a kill mid-write) is dropped, and
     with ``repair`` cut from the file; a broken line elsewhere is an error naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"--predictions {path}: a folder, not a predictions file (<out>/<bench>_predictions.jsonl)")
     if not path.is_file():
         raise EvalError(f"predictions file not found: {path}")
     data = path.read_bytes()
     lines = data.split(b"\n")
     records, offset = [], 0
     for number, line in enumerate(lines, start=1):
-        last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
+        last = number == len(lines)  # the piece after the final newline: a record is written with its newline
         if line.strip():
             try:
                 record = json.loads(line)

@@ -179,6 +179,8 @@ def read_benchmark(path: str | Path, kind: str | None = None) -> Benchmark:
     from .scoring import KINDS
 
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"--data {path}: a folder, not a benchmark file (give each .tsv with its own --data)")
     if not path.is_file():
         raise EvalError(f"benchmark file not found: {path}")
     csv.field_size_limit(sys.maxsize)  # base64 images are long cells
