@@ -79,6 +79,9 @@ def test_bad_predictions(tmp_path, bench, capsys):
     fails(capsys, [*args, str(tmp_path)], "a folder, not a predictions file")
     fails(capsys, ["score", "--data", str(tmp_path), "--predictions", str(empty)], "a folder, not a benchmark file")
     fails(capsys, ["tiny", "--out", str(empty)], "a file, not a folder")
+    header_only = tmp_path / "GQA.tsv"
+    header_only.write_text("index\timage\tquestion\tanswer\n")
+    fails(capsys, ["score", "--data", str(header_only), "--predictions", str(empty)], "a header and no rows")
     for name, text in [("g", "garbage\n"), ("l", "[1, 2]\n"), ("n", '{"index": 0}\n')]:  # whole lines, not records
         (tmp_path / f"{name}.jsonl").write_text(text)
         fails(capsys, [*args, str(tmp_path / f"{name}.jsonl")], "line 1: not a prediction record")

@@ -108,6 +108,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             scores = score_predictions(benchmark, predictions_path(args.out, benchmark.name))
             write_scores(scores, args.out)
             print(_summary(scores))
+        else:
+            print(f"{benchmark.name}: not scored (the file has no answer column: a test split)")
 
 
 def cmd_score(args: argparse.Namespace) -> None:

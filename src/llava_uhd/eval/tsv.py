@@ -207,6 +207,8 @@ def read_benchmark(path: str | Path, kind: str | None = None) -> Benchmark:
         missing.append("image (or image_path)")
     if missing:
         raise EvalError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
+    if not rows:
+        raise EvalError(f"{path}: a header and no rows: nothing to answer")
     name = path.stem
     if kind is None:
         kind = kind_from_name(name, header)
