@@ -14,6 +14,7 @@ and shard specs are checked before the trainer creates a log folder.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -142,12 +143,43 @@ def config_error(err: BaseException) -> str | None:
     return None
 
 
+SKIPPED_PARSER_LINES = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value")
+
+
+def parser_message(text: str) -> str:
+    """The parser's message, cut to the setting and what is wrong with it where jsonargparse explains a subclass
+    section (``model``, ``data``) by listing every union member it tried; any other message as it is."""
+    lines = text.strip().splitlines()
+    head = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
+    if head is None or len(lines) < 2 or "Does not validate against any of the Union subtypes" not in lines[1]:
+        return text
+    path, problem, at = [head.group(1)], None, 0
+    for i, line in enumerate(lines[2:], start=2):
+        stripped = line.strip().removeprefix("- ")
+        key = re.match(r'Parser key "([^"]+)":', stripped)
+        if key:
+            path.append(key.group(1))
+        elif not stripped.startswith(SKIPPED_PARSER_LINES) and stripped != "Expected a <class 'NoneType'>":
+            problem, at = stripped, i
+            break
+    if problem is None:
+        return text
+    given = next((line.strip() for line in lines[at:] if line.strip().startswith("Given value:")), None)
+    if "Got value" not in problem and given is not None and "NestedArg" not in given:
+        problem = f"{problem}. Got value: {given.removeprefix('Given value:').strip()}"
+    unknown = re.match(r"Option '([^']+)' is not accepted", problem)
+    if unknown:
+        path.append(unknown.group(1))
+        problem = "no such setting (a typo? `python src/main.py fit --help` lists them)"
+    return f"{'.'.join(path)}: {problem}"
+
+
 def cli(args: list[str] | None = None) -> None:
     """``main`` for people: a mistake in a setting or an input ends with one message and exit status 1."""
     try:
         main(args, exit_on_error=False)
     except argparse.ArgumentError as err:  # a malformed command line or config file: the parser's message
-        sys.stderr.write(f"config error: {err}\n(options: python src/main.py fit --help)\n")
+        sys.stderr.write(f"config error: {parser_message(str(err))}\n(options: python src/main.py fit --help)\n")
         sys.exit(2)
     except Exception as err:
         message = config_error(err)

@@ -84,6 +84,31 @@ def test_a_wrong_type_in_a_setting_is_a_parser_error(data, capsys):
     assert "usage:" not in err and "Traceback" not in err  # the message, not a page of usage
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--data.max_batchsize", "8"], "config error: data.max_batchsize: no such setting"),
+    (["--model.projector", "mpl"], "config error: model.projector: Expected a typing.Literal['mlp', 'merger']. "
+                                   "Got value: mpl"),
+    (["--model.lr.vit", "abc"], "config error: model.lr: Expected a <class 'float'>. Got value: abc"),
+    (["--model.wtc_layers", "4"], "config error: model.wtc_layers: Expected a <class 'list'>. Got value: 4"),
+])
+def test_a_typo_or_wrong_type_in_a_model_or_data_setting_is_one_line(data, capsys, extra, expected):
+    # jsonargparse explains a subclass section by listing every union member it tried: cut to the setting
+    with pytest.raises(SystemExit) as info:
+        cli(args_for(data, *extra))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(expected)
+    assert len(err.strip().splitlines()) == 2 and "Subtypes" not in err  # the message and the --help hint
+
+
+def test_a_typo_in_a_config_file_names_the_setting(data, tmp_path, capsys):
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("data:\n  init_args:\n    max_batchsize: 8\n")
+    with pytest.raises(SystemExit) as info:
+        cli(args_for(data, "-c", str(overlay)))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("config error: data.max_batchsize: no such setting")
+
+
 def test_a_run_on_mostly_broken_data_fails_with_counts_and_shows_skips(data, capsys):
     spec = f"[{data / 'good' / 'shapegrid-000000.tar'}, {data / 'broken'}]"  # a single .tar works as a spec
     whole_epoch = ["--trainer.max_steps", "-1", "--checkpoint.every_n_train_steps", "1000"]
