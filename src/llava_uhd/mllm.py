@@ -442,7 +442,11 @@ class LlavaUHD(nn.Module):
         config = LlavaUHDConfig(**raw)
         with release.parameters_on_meta():  # no random init of weights that are loaded next (a 7B LLM: minutes)
             model = cls(config)
-        assign_weights(model, load_file(str(model_dir / WEIGHTS_NAME)), model_dir / WEIGHTS_NAME)
+        try:
+            state = load_file(str(model_dir / WEIGHTS_NAME))
+        except Exception as err:  # safetensors raises its own error types for a damaged (e.g. truncated) file
+            raise release.ReleaseError(f"{model_dir / WEIGHTS_NAME}: not a readable safetensors file ({err})") from err
+        assign_weights(model, state, model_dir / WEIGHTS_NAME)
         return model
 
 

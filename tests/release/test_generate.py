@@ -141,3 +141,16 @@ def test_exif_rotated_photo_is_read_upright(tmp_path):
     stored.save(tmp_path / "plain.jpg", quality=95)
     rotated, plain = open_images([str(tmp_path / "phone.jpg"), str(tmp_path / "plain.jpg")])
     assert rotated.size == (30, 60) and plain.size == (60, 30)
+
+
+def test_a_truncated_weights_file_in_our_folder_is_one_message(tmp_path, our_dir, image_file, capsys):
+    """A download cut short: safetensors' own error type is named with the file, not a traceback."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(our_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
+    assert main(["--model", str(broken), "--image", str(image_file), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err
