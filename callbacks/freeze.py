@@ -8,6 +8,7 @@ grad, and FSDP2 shards frozen and trained parameters alike but reduces gradients
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 
 import lightning as L
@@ -112,6 +113,9 @@ class PreAlignmentFreeze(L.Callback):
         teacher = getattr(pl_module, "teacher", None)
         if teacher is not None:
             teacher.eval()
+        ours = {id(m) for m in self._eval_modules} | ({id(m) for m in teacher.modules()} if teacher else set())
+        if ours:  # Lightning warns about modules in eval mode at fit start: these are frozen on purpose
+            warnings.filterwarnings("ignore", message=rf"Found {len(ours)} module\(s\) in eval mode at the start")
 
     def _count(self, pl_module: L.LightningModule) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
