@@ -64,7 +64,7 @@ def open_images(paths: list[str]) -> list:
             with Image.open(path) as image:
                 image.load()
                 images.append(ImageOps.exif_transpose(image))  # a phone photo upright, as it is shown
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
             raise UsageError(f"--image: cannot read {path} as an image ({err})") from err
     return images
 

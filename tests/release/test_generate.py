@@ -154,3 +154,11 @@ def test_a_truncated_weights_file_in_our_folder_is_one_message(tmp_path, our_dir
     assert main(["--model", str(broken), "--image", str(image_file), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err
     assert "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err
+
+
+def test_a_decompression_bomb_is_one_message(our_dir, image_file, capsys, monkeypatch):
+    """PIL's DecompressionBombError is not an OSError: it is caught and named like any unreadable image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 70x50 photo is then over twice the limit
+    assert main(["--model", str(our_dir), "--image", str(image_file), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "decompression bomb" in err
