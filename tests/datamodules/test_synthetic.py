@@ -51,3 +51,26 @@ def test_cli_writes_shards_and_index(tmp_path, capsys):
         image = Image.open(tar.extractfile(names[1 if names[1].endswith(".jpg") else 0]))
         assert [image.height, image.width] == first
     assert names[:2] == ["textgrid00000000.jpg", "textgrid00000000.json"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n", "-4"], "argument --n: must be at least 1, got -4"),
+    (["--n", "4", "--shard-size", "0"], "argument --shard-size: must be at least 1, got 0"),
+    (["--n", "4", "--min-side", "8"], "--min-side / --max-side: need 16 <= min-side <= max-side"),
+])
+def test_cli_mistakes_write_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit) as info:
+        synthetic.main(["--task", "shapegrid", "--out", str(out), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_folder_that_holds_a_shard_set(tmp_path, capsys):
+    args = ["--task", "shapegrid", "--n", "2", "--out", str(tmp_path), "--min-side", "32", "--max-side", "32"]
+    synthetic.main(args)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as info:
+        synthetic.main([*args[:1], "caption", *args[2:]])  # a second set into the same folder: a mixed set
+    assert info.value.code == 2 and "is not a new or empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
