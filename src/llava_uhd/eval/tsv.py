@@ -152,6 +152,7 @@ def _open(source, where: str) -> Image.Image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise EvalError(f"{where}: image claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} limit")
+        image.load()  # decode now, inside this try: a truncated file is this row's error
         return to_rgb(image)  # the product's conversion: 16-bit keeps its range, alpha on white, as in training
     except EvalError:
         raise
