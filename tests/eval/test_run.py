@@ -96,3 +96,16 @@ def test_bad_rows_are_skipped_by_name(tmp_path, model_dir):
     assert "undecodable image" in stats.skipped["1"] and "index '17'" in stats.skipped["2"]
     assert [r["index"] for r in read_predictions(tmp_path / "out" / "TextVQA_VAL_predictions.jsonl")] == ["0", "3"]
     assert json.loads((tmp_path / "out" / "TextVQA_VAL_run.json").read_text())["skipped"] == 2
+
+
+def test_resume_refuses_other_generation_settings(tmp_path, model_dir, capsys):
+    """Rows answered with 1 beam and a 4-token cap are not silently mixed with rows of another setting."""
+    tsv = write_tsv(tmp_path / "TextVQA_VAL.tsv", vqa_rows(3))
+    args = ["run", "--model", str(model_dir), "--data", str(tsv), "--out", str(tmp_path / "out"), *FAST]
+    assert main([*args, "--max-new-tokens", "4", "--limit", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-new-tokens", "8"]) == 2
+    assert "other settings (max_new_tokens 4 -> 8)" in capsys.readouterr().err
+    assert len(read_predictions(tmp_path / "out" / "TextVQA_VAL_predictions.jsonl")) == 1
+    assert main([*args, "--max-new-tokens", "4"]) == 0  # the same settings resume
+    assert len(read_predictions(tmp_path / "out" / "TextVQA_VAL_predictions.jsonl")) == 3

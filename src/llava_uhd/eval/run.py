@@ -88,6 +88,22 @@ class RunStats:
         }
 
 
+def check_settings(settings_path: Path, predictions: Path, settings: dict) -> None:
+    """Resume only under the settings the file's answers were made with: a rerun with other beams or another
+    cap would append answers of a different run to the same file without a word."""
+    if predictions.exists() and predictions.stat().st_size and settings_path.is_file():
+        try:
+            before = json.loads(settings_path.read_text())
+        except ValueError:
+            before = None
+        changed = [f"{k} {before[k]} -> {v}" for k, v in settings.items() if isinstance(before, dict)
+                   and k in before and before[k] != v]
+        if changed:
+            raise EvalError(f"{predictions} was answered with other settings ({', '.join(changed)}); "
+                            "rerun with the same settings to resume, or give another --out")
+    settings_path.write_text(json.dumps(settings, indent=2))
+
+
 def run_benchmark(
     model,
     benchmark: Benchmark,
@@ -104,6 +120,8 @@ def run_benchmark(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = predictions_path(out_dir, benchmark.name)
+    check_settings(out_dir / f"{benchmark.name}_settings.json", path,
+                   {"num_beams": num_beams, "max_new_tokens": max_new_tokens})
     done = {str(r["index"]) for r in read_predictions(path, repair=True)} if path.exists() else set()
     rows = benchmark.rows[:limit] if limit is not None else benchmark.rows
     todo = [row for row in rows if row["index"] not in done]
