@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_uhd.vision.resize import ResolutionPolicy, preprocess, to_rgb
+from llava_uhd.vision.resize import ResolutionPolicy, make_policy, preprocess, to_rgb, upright_size
 
 SIZES = [(1024, 1024), (100, 100), (3000, 4000), (768, 1366), (480, 640), (1, 5000), (5000, 1), (9000, 300)]
 
@@ -100,3 +100,32 @@ def test_strips_fit_a_small_area_budget(height, width):
     assert h % 40 == 0 and w % 40 == 0 and h * w <= policy.max_pixels
     assert min(h, w) == 40 and max(h, w) == 160 * 160 // 40 // 40 * 40
     assert (h > w) == (height > width)
+
+
+def _phone_photo(orientation: int) -> Image.Image:
+    """A 1200x800 (w x h) upright scene, red on top and blue below, stored the way a camera held sideways stores it:
+    pixels turned and an EXIF orientation tag saying how to turn them back."""
+    scene = np.zeros((800, 1200, 3), dtype=np.uint8)
+    scene[:400, :, 0] = 255
+    scene[400:, :, 2] = 255
+    undo = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+    stored = Image.fromarray(scene).transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("policy_name", ["default", "release"])
+def test_exif_rotated_photo_is_encoded_upright_and_sized_from_its_header(orientation, policy_name):
+    policy = make_policy(policy_name, multiple=40)
+    image = _phone_photo(orientation)
+    assert upright_size(image) == (800, 1200)  # header only: nothing decoded yet
+    pixels = preprocess(image, policy, normalized=False)
+    assert tuple(pixels.shape[-2:]) == policy.target_size(800, 1200)
+    h = pixels.shape[-2]
+    top, bottom = pixels[:, : h // 3].float().mean((1, 2)), pixels[:, -h // 3 :].float().mean((1, 2))
+    assert top[0] > 200 and top[2] < 50, top  # red on top, as the photo is shown
+    assert bottom[2] > 200 and bottom[0] < 50, bottom

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -186,6 +186,27 @@ def normalize(pixels: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.T
     return pixels.to(torch.float32).mul_(scale).add_(shift)
 
 
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of ``image`` as it is shown, i.e. after its EXIF orientation, read from the header alone.
+
+    Every size the product records (converter index, loader buckets, resume replay) is this one, so the pixels
+    :func:`preprocess` makes and the token counts planned from headers agree for a rotated phone photo too."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED:
+        return image.width, image.height
+    return image.height, image.width
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (a phone photo upright, as viewers show it); as is otherwise."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def preprocess(
     image: Image.Image,
     policy: ResolutionPolicy | ReleaseResolutionPolicy,
@@ -193,14 +214,15 @@ def preprocess(
     std=SIGLIP_STD,
     normalized: bool = True,
 ) -> torch.Tensor:
-    """The one preprocessing path: RGB conversion, policy size, bicubic resize, normalise -> [3, H, W].
+    """The one preprocessing path: EXIF orientation, RGB conversion, policy size, bicubic resize, normalise.
 
     ``normalized=False`` stops before normalising and returns uint8 pixels: the data pipeline batches
     those (4x less to stack and to pass between processes) and normalises whole batches.
     """
-    target = policy.target_size(image.height, image.width)
+    height, width = upright_size(image)
+    target = policy.target_size(height, width)
     if getattr(policy, "resample", None) == "pil":  # the release's path: full decode, PIL bicubic
-        image = to_rgb(image)
+        image = to_rgb(upright(image))
         if (image.height, image.width) != target:
             image = image.resize((target[1], target[0]), Image.BICUBIC)
         pixels = to_tensor(image)
@@ -208,6 +230,7 @@ def preprocess(
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
         # Still undecoded: let libjpeg decode at a reduced DCT scale (never below the target) when
         # shrinking 2x or more; big photographs then decode several times faster.
-        image.draft(image.mode, (target[1], target[0]))
-    pixels = resize(to_tensor(to_rgb(image)), target)
+        turned = (height, width) != (image.height, image.width)
+        image.draft(image.mode, (target[0], target[1]) if turned else (target[1], target[0]))
+    pixels = resize(to_tensor(to_rgb(upright(image))), target)
     return normalize(pixels, mean, std) if normalized else pixels
