@@ -189,3 +189,14 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(data, tmp_path, capsys):
     last.write_bytes(b"PK\x03\x04" + b"\x00" * 256)
     message = fails(args_for(tmp_path, "--ckpt_path", "last"), capsys)
     assert f"config error: ckpt_path: {last} is not a readable checkpoint" in message
+
+
+def test_a_typo_in_a_config_dict_llm_is_named(data, capsys):
+    # transformers keeps an unknown key as a loose attribute: the model would get the default depth silently
+    llm = "{hidden_size: 64, num_hiden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}"
+    message = fails(args_for(data, "--model.llm", llm), capsys)
+    assert "config error: model.llm: unknown key(s) for a qwen2 config: num_hiden_layers (did you mean " \
+           "num_hidden_layers?)" in message
+    message = fails(args_for(data, "--model.llm", "{model_type: qwen9, hidden_size: 64}"), capsys)
+    assert "config error: model.llm: not a valid 'qwen9' config: Unrecognized model identifier: qwen9" in message
+    assert len(message) < 400

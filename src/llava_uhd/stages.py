@@ -60,6 +60,28 @@ def part_of(name: str) -> str:
     return "vit"
 
 
+def check_llm_keys(llm: dict[str, Any]) -> None:
+    """A config-dict ``model.llm`` whose keys its transformers config knows: a typo (``num_hiden_layers``)
+    would otherwise be kept as an unused attribute and the model built with the default instead. A key is
+    unknown when the config class keeps it as a loose attribute that its default instance does not have."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    model_type = llm.get("model_type", "qwen2")
+    try:
+        default = AutoConfig.for_model(model_type)
+        built = type(default)(**{k: v for k, v in llm.items() if k != "model_type"})
+    except (ValueError, KeyError, TypeError) as err:
+        raise SettingsError(f"model.llm: not a valid {model_type!r} config: {str(err).split('. ')[0][:200]}") from err
+    known = set(default.to_dict())
+    unknown = sorted(k for k in set(built.to_dict()) - known if k in llm)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise SettingsError(f"model.llm: unknown key(s) for a {model_type} config: {', '.join(hints)}")
+
+
 def build_llava_uhd(
     encoder: str,
     llm: str | dict[str, Any],
@@ -78,6 +100,7 @@ def build_llava_uhd(
     if isinstance(llm, dict):
         if not tokenizer:
             raise ValueError("model.tokenizer: a config-dict LLM needs a tokenizer directory")
+        check_llm_keys(llm)
         tok = build_tiny_tokenizer(tokenizer)
         llm = {**tiny_qwen2_config(len(tok)), **llm} if "model_type" not in llm else {"vocab_size": len(tok), **llm}
     elif not Path(llm).is_dir():
