@@ -32,7 +32,7 @@ from llava_uhd.conversation import (
     tokenize_conversation,
     training_dialogue,
 )
-from llava_uhd.vision.resize import ResolutionPolicy, preprocess
+from llava_uhd.vision.resize import ResolutionPolicy, preprocess, upright_size
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def check_sample(
         if not isinstance(blob, bytes | bytearray):
             raise SampleError("corrupt_image", f"image member of type {type(blob).__name__}")
         image = open_image(blob, max_image_pixels, max_aspect_ratio)
-        orig_sizes.append((image.height, image.width))
+        orig_sizes.append(upright_size(image))  # as shown (EXIF), as preprocess sizes it
         try:
             images.append(decode(image))
         except Exception as exn:  # truncated / corrupt data surfaces only when pixels are decoded

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from datamodules.samples import SampleDecoder, SampleError, SkipCounter, image_members
+from llava_uhd.vision.resize import upright_size
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def header_sizes(raw: dict, decoder: SampleDecoder) -> list[tuple[int, int]]:
     sizes = []
     for blob in image_members(raw):
         with Image.open(io.BytesIO(blob)) as image:
-            sizes.append(decoder.policy.target_size(image.height, image.width))
+            sizes.append(decoder.policy.target_size(*upright_size(image)))
     return sizes
 
 

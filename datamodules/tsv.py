@@ -25,7 +25,7 @@ from llava_uhd.conversation import IMAGE_PLACEHOLDER, tokenize_conversation
 from llava_uhd.errors import SettingsError
 from llava_uhd.eval.prompts import build_prompt
 from llava_uhd.eval.tsv import Benchmark, EvalError, read_benchmark
-from llava_uhd.vision.resize import preprocess
+from llava_uhd.vision.resize import preprocess, upright_size
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class TSVRows(Dataset):
         meta = {"question": prompt, "benchmark": self.benchmark.name, "index": row["index"],
                 "task": self.benchmark.name}
         return Sample(key=f"{self.benchmark.name}/{row['index']}", pixel_values=[pixels],
-                      orig_sizes=[(image.height, image.width)], input_ids=tokens.input_ids, labels=tokens.labels,
+                      orig_sizes=[upright_size(image)], input_ids=tokens.input_ids, labels=tokens.labels,
                       meta=meta)
 
 

@@ -151,3 +151,41 @@ def test_checkpoint_after_the_last_batch_resumes_into_the_next_epoch(shards, tok
     resumed = make(shards, tokenizer)
     resumed.load_stream_state(roundtrip(first.stream_state()))
     assert consume(resumed) == consume(make_epoch_two(shards, tokenizer, {}))  # not an empty epoch
+
+
+def _rotated_photo(width: int, height: int, seed: int) -> bytes:
+    """A JPEG stored turned by 90 degrees with EXIF orientation 6, as a camera held sideways writes it: shown
+    ``width x height``, stored ``height x width``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    stored = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_exif_rotated_photos_resume_exactly(tmp_path, tokenizer):
+    """Resume replays buckets from image headers: a rotated photo's header size must be the shown one, or the
+    replayed buckets (and so the batches) differ from the live run's."""
+    shapes = [(64, 128), (128, 64), (96, 96), (64, 128)] * 4
+    samples = [{"__key__": f"photo{i:02d}", "jpg": _rotated_photo(w, h, i), "json": conversation()}
+               for i, (w, h) in enumerate(shapes)]
+    write_shards(tmp_path, samples, sizes=[[(h, w)] for w, h in shapes])
+    spec = [str(tmp_path)]
+    reference = consume(make(spec, tokenizer))
+    first = make(spec, tokenizer)
+    before = consume(first, len(reference) // 2)
+    resumed = make(spec, tokenizer)
+    resumed.load_stream_state(roundtrip(first.stream_state()))
+    assert before + consume(resumed) == reference
+    shown = {f"photo{i:02d}": (h, w) for i, (w, h) in enumerate(shapes)}
+    for batch in make(spec, tokenizer):
+        for key, (h, w) in zip(batch["keys"], batch["image_sizes"], strict=True):
+            sh, sw = shown[key]
+            assert (h > w, h < w) == (sh > sw, sh < sw), (key, (h, w), (sh, sw))  # encoded upright, as shown

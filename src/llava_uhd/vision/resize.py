@@ -190,19 +190,31 @@ EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation (1-8; 1 = as stored) from what the header holds, never decoding pixels: a PNG whose eXIf
+    chunk comes after the image data, or an unreadable EXIF block, counts as 1."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # PIL would decode the whole image to look for a late eXIf chunk
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block is not a reason to drop the photo
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """(height, width) of ``image`` as it is shown, i.e. after its EXIF orientation, read from the header alone.
 
     Every size the product records (converter index, loader buckets, resume replay) is this one, so the pixels
     :func:`preprocess` makes and the token counts planned from headers agree for a rotated phone photo too."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED:
+    if exif_orientation(image) in _TRANSPOSED:
         return image.width, image.height
     return image.height, image.width
 
 
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (a phone photo upright, as viewers show it); as is otherwise."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+    if exif_orientation(image) == 1:
         return image
     return ImageOps.exif_transpose(image)
 
