@@ -453,7 +453,10 @@ class UHDDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "image_token_fn"])
         self._tokenizer = tokenizer
-        self.policy = ResolutionPolicy(min_pixels, max_pixels, max_side, multiple=pixels_per_token)
+        try:
+            self.policy = ResolutionPolicy(min_pixels, max_pixels, max_side, multiple=pixels_per_token)
+        except ValueError as err:
+            raise SettingsError(f"data.min_pixels / max_pixels / max_side / pixels_per_token: {err}") from err
         self.image_token_fn = image_token_fn or GridTokens(pixels_per_token)
         self.counter = SkipCounter()
         self._train_loader: StreamLoader | None = None
@@ -512,6 +515,11 @@ class UHDDataModule(L.LightningDataModule):
                 raise SettingsError(f"data.{name}: must be positive, got {hp[name]}")
         if hp.num_workers < 0:
             raise SettingsError(f"data.num_workers: must be 0 or more, got {hp.num_workers}")
+        if hp.sample_shuffle < 0:
+            raise SettingsError(f"data.sample_shuffle: a buffer of 0 (off) or more samples, got {hp.sample_shuffle}")
+        for name in ("batches_per_epoch", "eval_batches"):
+            if hp.get(name) is not None and hp[name] <= 0:
+                raise SettingsError(f"data.{name}: must be positive (or null), got {hp[name]}")
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ()):
             key, spec = f"data.{split}_shards", hp.get(f"{split}_shards")

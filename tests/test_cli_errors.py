@@ -200,3 +200,17 @@ def test_a_typo_in_a_config_dict_llm_is_named(data, capsys):
     message = fails(args_for(data, "--model.llm", "{model_type: qwen9, hidden_size: 64}"), capsys)
     assert "config error: model.llm: not a valid 'qwen9' config: Unrecognized model identifier: qwen9" in message
     assert len(message) < 400
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--data.sample_shuffle", "-3"], "data.sample_shuffle: a buffer of 0 (off) or more samples, got -3"),
+    (["--data.batches_per_epoch", "0"], "data.batches_per_epoch: must be positive (or null), got 0"),
+    (["--data.min_pixels", "-5"], "data.min_pixels / max_pixels / max_side / pixels_per_token: need 0 < min_pixels"),
+    (["--data.max_side", "0"], "max_side 0 is smaller than the multiple 40"),
+])
+def test_negative_or_zero_data_numbers_are_named(data, tmp_path, capsys, extra, expected):
+    # before: a negative shuffle buffer and zero batches per epoch ran (the latter training nothing, exit 0);
+    # bad resolution limits were a traceback
+    message = fails(args_for(tmp_path, *extra), capsys)
+    assert expected in message and message.count("config error") == 1
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
