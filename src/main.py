@@ -63,6 +63,9 @@ class UHDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_ckpt_path(config.get("ckpt_path"))
+        accumulate = config.get("trainer", {}).get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning divides by it before checking it
+            raise SettingsError(f"trainer.accumulate_grad_batches: at least 1, got {accumulate}")
         if config.get("ckpt_path") != "last":
             return
         logger = config.trainer.logger

@@ -207,8 +207,11 @@ def test_a_typo_in_a_config_dict_llm_is_named(data, capsys):
     (["--data.batches_per_epoch", "0"], "data.batches_per_epoch: must be positive (or null), got 0"),
     (["--data.min_pixels", "-5"], "data.min_pixels / max_pixels / max_side / pixels_per_token: need 0 < min_pixels"),
     (["--data.max_side", "0"], "max_side 0 is smaller than the multiple 40"),
+    (["--model.max_new_tokens", "-1"], "model.max_new_tokens: at least 1, got -1"),
+    (["--model.distill_weight", "-1"], "model.distill_weight: 0 (off) or more, got -1.0"),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: at least 1, got 0"),
 ])
-def test_negative_or_zero_data_numbers_are_named(data, tmp_path, capsys, extra, expected):
+def test_negative_or_zero_numbers_are_named(data, tmp_path, capsys, extra, expected):
     # before: a negative shuffle buffer and zero batches per epoch ran (the latter training nothing, exit 0);
     # bad resolution limits were a traceback
     message = fails(args_for(tmp_path, *extra), capsys)

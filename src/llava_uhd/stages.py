@@ -266,6 +266,10 @@ class UHDModule(L.LightningModule):
         unknown = set(self.trainable_parts) - set(PARTS)
         if unknown:
             raise ValueError(f"model.trainable: unknown parts {sorted(unknown)}; parts are {PARTS}")
+        if distill_weight < 0:
+            raise SettingsError(f"model.distill_weight: 0 (off) or more, got {distill_weight}")
+        if max_new_tokens < 1:
+            raise SettingsError(f"model.max_new_tokens: at least 1, got {max_new_tokens}")
         self.lrs = {**self.default_lr, **check_learning_rates(lr)}
         self.teacher = self._build_teacher() if distill_weight > 0 else None
         if gradient_checkpointing:
