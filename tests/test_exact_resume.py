@@ -25,10 +25,13 @@ from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, saved
 
 pytestmark = pytest.mark.slow
 KEYLOG_ENV = "LLAVA_UHD_TEST_KEYLOG"
+HOLD_ENV = "LLAVA_UHD_TEST_HOLD_AT_STEP"
 
 
 class KeyLog(Callback):
-    """Appends ``{"step", "keys"}`` of every trained batch to ``$LLAVA_UHD_TEST_KEYLOG/rank<r>.jsonl``."""
+    """Appends ``{"step", "keys"}`` of every trained batch to ``$LLAVA_UHD_TEST_KEYLOG/rank<r>.jsonl``; with
+    ``$LLAVA_UHD_TEST_HOLD_AT_STEP`` set, every rank stops (sleeps) once it has logged that step, so the test's
+    SIGKILL lands at a known step and no later checkpoint can be written first."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         folder = os.environ.get(KEYLOG_ENV)
@@ -36,6 +39,10 @@ class KeyLog(Callback):
             Path(folder).mkdir(parents=True, exist_ok=True)
             with open(Path(folder) / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, "keys": list(batch["keys"])}) + "\n")
+        hold = os.environ.get(HOLD_ENV)
+        if hold and trainer.global_step >= int(hold):
+            while True:  # wait here for the test's SIGKILL
+                time.sleep(1)
 
 
 def shards(tmp_path_factory, name: str, side: tuple[int, int]) -> Path:
@@ -45,8 +52,8 @@ def shards(tmp_path_factory, name: str, side: tuple[int, int]) -> Path:
     return out
 
 
-def launch(args: list[str], keylog: Path, log: Path) -> subprocess.Popen:
-    env = {**app_env(threads=1), KEYLOG_ENV: str(keylog)}
+def launch(args: list[str], keylog: Path, log: Path, hold: int) -> subprocess.Popen:
+    env = {**app_env(threads=1), KEYLOG_ENV: str(keylog), HOLD_ENV: str(hold)}
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -58,14 +65,16 @@ def logged(keylog: Path, rank: int = 0) -> list[dict]:
 
 
 def kill_after_checkpoint(args: list[str], run_dir: Path, every: int, ranks: int) -> int:
-    """Start the run, SIGKILL its process group two steps after its second checkpoint; the saved step."""
+    """Start the run, SIGKILL its process group once every rank has trained one step past its second
+    checkpoint (where :class:`KeyLog` holds it); the saved step."""
     log = run_dir / "killed.log"
-    proc = launch(args, run_dir / "keys_killed", log)
+    hold = 2 * every + 1  # not a checkpoint step: the last checkpoint is the one before it
+    proc = launch(args, run_dir / "keys_killed", log, hold)
     deadline = time.monotonic() + 240
     while True:
         ckpts = list((run_dir / "runs" / "stage2").glob(f"version_*/checkpoints/epoch=0-step={2 * every}.ckpt"))
         steps = [max((r["step"] for r in logged(run_dir / "keys_killed", rank)), default=0) for rank in range(ranks)]
-        if ckpts and min(steps) >= 2 * every + 2:
+        if ckpts and min(steps) >= hold:
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
