@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .pvc import POOLING_KINDS, WindowedTokenCompression, window_major_order
-from .resize import SIGLIP_MEAN, SIGLIP_STD
+from .resize import SIGLIP_MEAN, SIGLIP_STD, ReleaseResolutionPolicy, ResolutionPolicy, make_policy
 from .rope import ROPE_KINDS, apply_rope, rope_table
 
 POS_EMBED_INITS = ("random", "sincos")
@@ -404,6 +404,25 @@ class ViTUHD(VisionTransformer):
     def num_tokens(self, height: int, width: int) -> int:
         h, w = self.output_grid(height, width)
         return h * w
+
+    # -- token-count interface (shared by every encoder kind) ---------------------------------------------------
+    def num_image_tokens(self, height: int, width: int, projector: nn.Module) -> int:
+        """LLM positions a preprocessed ``height x width`` image takes after ``projector``."""
+        gh, gw = projector.output_grid(*self.output_grid(height, width))
+        return gh * gw
+
+    def policy(
+        self, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560, max_side: int = 5120,
+        name: str = "default",
+    ) -> ResolutionPolicy | ReleaseResolutionPolicy:
+        """Resolution policy whose sides are a multiple of the pixels per LLM token (``name``: default | release)."""
+        return make_policy(name, self.reduction * projector.merge, min_pixels, max_pixels, max_side)
+
+    def token_counter(self, projector: nn.Module):  # -> ImageTokenCounter (lazy import: mllm imports this module)
+        """A picklable ``(height, width) -> LLM tokens`` equal to :meth:`num_image_tokens`, for data workers."""
+        from llava_uhd.mllm import ImageTokenCounter
+
+        return ImageTokenCounter(self.reduction * projector.merge)
 
     # -- embedding ----------------------------------------------------------------------------------------------
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
