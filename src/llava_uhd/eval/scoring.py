@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 from torchmetrics.functional.text import edit_distance
 
-from .tsv import Benchmark, is_missing
+from .tsv import KINDS, Benchmark, is_missing
 
-KINDS = ("vqa", "anls", "relaxed", "exact", "mcq", "yesno", "pope", "mme", "hallusion", "ocrbench")
 HEADLINE = {
     "vqa": "accuracy", "anls": "anls", "relaxed": "relaxed_accuracy", "exact": "accuracy", "mcq": "accuracy",
     "yesno": "accuracy", "pope": "f1", "mme": "total", "hallusion": "overall", "ocrbench": "final_score",

@@ -32,6 +32,9 @@ _REFERENCE_MAX_LEN = 64
 """``image`` cells this short are another row's index, not base64 (VLMEvalKit's rule)."""
 _MISSING = {"", "nan", "none", "null"}
 
+KINDS = ("vqa", "anls", "relaxed", "exact", "mcq", "yesno", "pope", "mme", "hallusion", "ocrbench")
+"""Scoring kinds (``llava_uhd.eval.scoring`` scores each); a benchmark file is read with the columns its kind needs."""
+
 # Kind by benchmark name, first match wins (lowercased substring; VLMEvalKit names its files this way).
 _NAME_KINDS = (
     ("ocrbench", "ocrbench"),
@@ -177,8 +180,6 @@ def parse_answers(value: str, where: str = "answer") -> list[str]:
 
 def read_benchmark(path: str | Path, kind: str | None = None) -> Benchmark:
     """Read a VLMEvalKit TSV; the columns its kind needs are checked here, so a bad file fails at once."""
-    from .scoring import KINDS
-
     path = Path(path)
     if path.is_dir():
         raise EvalError(f"--data {path}: a folder, not a benchmark file (give each .tsv with its own --data)")
