@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from datamodules.samples import IMAGE_EXTENSIONS, SampleError, check_sample
-from datamodules.shards import ShardSetWriter, replacing_dir
+from datamodules.writer import ShardSetWriter, replacing_dir
 from llava_uhd.errors import SettingsError
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datamodules.shards import ShardSetWriter
+from datamodules.writer import ShardSetWriter
 
 TASKS = ("shapegrid", "textgrid", "caption")
 COLOURS = {

@@ -11,7 +11,6 @@ runs on CPU (gloo) and CUDA (nccl) alike.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 from pathlib import Path
@@ -20,10 +19,8 @@ from typing import Any
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from .atomic import exchange_paths
 from .checkpoint_io import PARTIAL
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -49,7 +46,7 @@ def publish(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    if not _exchange(new, target):  # no atomic exchange here: a short window without ``target``
+    if not exchange_paths(new, target):  # no atomic exchange here: a short window without ``target``
         old = new.with_name(f"{new.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
@@ -59,14 +56,3 @@ def publish(new: Path, target: Path) -> None:
         shutil.rmtree(new, ignore_errors=True)
     else:
         new.unlink(missing_ok=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
