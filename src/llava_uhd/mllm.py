@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +33,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_model
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm models)
+from llava_uhd import generation
+from llava_uhd.generation import GenerationResult
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
+from llava_uhd.tokens import ImageTokenCounter
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
-from llava_uhd.vision.resize import (
-    POLICIES,
-    ReleaseResolutionPolicy,
-    ResolutionPolicy,
-    make_policy,
-    normalize,
-    preprocess,
-)
+from llava_uhd.vision.resize import POLICIES, ReleaseResolutionPolicy, ResolutionPolicy, normalize, preprocess
+
+__all__ = ["GenerationResult", "ImageTokenCounter", "LlavaUHD", "LlavaUHDConfig", "assign_weights",
+           "count_image_tokens", "is_sliced", "resolution_policy"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -99,80 +98,29 @@ class LlavaUHDConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class GenerationResult:
-    """Text and timings of one ``LlavaUHD.generate`` call."""
-
-    text: str
-    token_ids: list[int]
-    encoder_ms: float
-    """Vision encoder forward."""
-    prefill_ms: float
-    """LLM forward over the prompt embeddings, up to the first token's logits."""
-    ttft_ms: float
-    """Time to first token: encoder + projector and splice + prefill."""
-    decode_tokens_per_s: float
-    """Tokens after the first, per second of decoding (0 when only one token was produced)."""
-    num_image_tokens: int
-    num_prompt_tokens: int
-
-
 def is_sliced(encoder: nn.Module) -> bool:
+    """The SBE: its views are joined by separator embeddings, the one place the model treats it apart."""
     return isinstance(encoder, slicing.SliceEncoder)
 
 
 def count_image_tokens(encoder: nn.Module, projector: nn.Module, height: int, width: int) -> int:
-    """LLM positions one preprocessed ``height x width`` image takes (SBE: separators included)."""
-    if is_sliced(encoder):
-        return encoder.num_image_tokens(height, width, projector)
-    gh, gw = projector.output_grid(*encoder.output_grid(height, width))
-    return gh * gw
-
-
-@dataclass(frozen=True)
-class ImageTokenCounter:
-    """LLM positions of one preprocessed image, as a small picklable object for data-loader workers."""
-
-    pixels_per_token: int
-    """Native-resolution encoders: pixels per LLM token side (encoder reduction x projector merge)."""
-    slice_size: int = 0
-    """SBE: slice side in pixels (0 for native-resolution encoders)."""
-    tokens_per_view: int = 0
-    """SBE: LLM tokens of one slice or thumbnail."""
-
-    def __call__(self, height: int, width: int) -> int:
-        if not self.slice_size:
-            return (height // self.pixels_per_token) * (width // self.pixels_per_token)
-        rows, cols = height // self.slice_size, width // self.slice_size
-        separators = 0 if rows * cols == 1 else rows * cols
-        return slicing.views_per_image(rows, cols) * self.tokens_per_view + separators
+    """Deprecated: ``encoder.num_image_tokens(height, width, projector)`` (the interface in llava_uhd.tokens)."""
+    _warn_deprecated("count_image_tokens", "encoder.num_image_tokens")
+    return encoder.num_image_tokens(height, width, projector)
 
 
 def resolution_policy(
     encoder: nn.Module, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
     max_side: int = 5120, name: str = "default",
 ) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
-    """Policy for ``preprocess``: sides a multiple of the pixels per LLM token; SBE: its slice grid.
-
-    ``name``: ``default`` (the product's rule) or ``release`` (the released model's).
-    """
-    if is_sliced(encoder):
-        return encoder.policy
-    multiple = encoder.reduction * projector.merge
-    return make_policy(name, multiple, min_pixels, max_pixels, max_side)
+    """Deprecated: ``encoder.policy(projector, min_pixels, max_pixels, max_side, name)``."""
+    _warn_deprecated("resolution_policy", "encoder.policy")
+    return encoder.policy(projector, min_pixels, max_pixels, max_side, name)
 
 
-class _StepClock(LogitsProcessor):
-    """Timestamps every decoding step (logits processors run right after each LLM forward)."""
-
-    def __init__(self, sync) -> None:
-        self.sync = sync
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.sync()
-        self.times.append(time.perf_counter())
-        return scores
+def _warn_deprecated(old: str, new: str) -> None:
+    warnings.warn(f"llava_uhd.mllm.{old} is deprecated and goes in the next release; call {new}(...) instead",
+                  DeprecationWarning, stacklevel=3)
 
 
 class LlavaUHD(nn.Module):
@@ -196,7 +144,7 @@ class LlavaUHD(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector, self.encoder.embed_dim, hidden)
         self.image_token_id = self._token_id(config.image_token)
-        if is_sliced(self.encoder):
+        if is_sliced(self.encoder):  # the SBE's separator tokens
             self.register_buffer("separator_ids", torch.tensor([self._token_id(t) for t in config.slice_separators]),
                                  persistent=False)
 
@@ -214,20 +162,17 @@ class LlavaUHD(nn.Module):
 
     @property
     def policy(self) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
+        """The encoder's resolution policy under this config's limits and ``resize_policy``."""
         c = self.config
-        return resolution_policy(self.encoder, self.projector, c.min_pixels, c.max_pixels, c.max_side,
-                                 c.resize_policy)
+        return self.encoder.policy(self.projector, c.min_pixels, c.max_pixels, c.max_side, c.resize_policy)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Visual tokens (positions in the LLM sequence) of a preprocessed ``height x width`` image."""
-        return count_image_tokens(self.encoder, self.projector, height, width)
+        return self.encoder.num_image_tokens(height, width, self.projector)
 
     def image_token_counter(self) -> ImageTokenCounter:
         """A picklable ``(height, width) -> tokens`` equal to :meth:`num_image_tokens`."""
-        if is_sliced(self.encoder):
-            gh, gw = self.projector.output_grid(*self.encoder.view_grid)
-            return ImageTokenCounter(self.pixels_per_token, self.encoder.slice_size, gh * gw)
-        return ImageTokenCounter(self.pixels_per_token)
+        return self.encoder.token_counter(self.projector)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised [3, H, W] at the size this model's resolution policy picks."""
@@ -257,7 +202,7 @@ class LlavaUHD(nn.Module):
 
     def project(self, encoder_out) -> torch.Tensor:
         tokens = self.projector(encoder_out.tokens, encoder_out.grids)
-        if is_sliced(self.encoder):
+        if is_sliced(self.encoder):  # the SBE: separator embeddings between its views
             separators = self.llm.get_input_embeddings()(self.separator_ids)
             tokens = self.encoder.join(tokens, encoder_out.layouts, separators)
         return tokens
@@ -308,11 +253,6 @@ class LlavaUHD(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     # -- generation ------------------------------------------------------------------------------------------
-    def _sync(self) -> None:
-        device = self.llm.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def build_prompt_ids(self, prompt: str | list[dict], image_sizes: list[tuple[int, int]]) -> list[int]:
         """ChatML ids ending with the assistant header; ``<image>`` runs expanded to the right counts."""
         from llava_uhd.conversation import IMAGE_PLACEHOLDER, build_prompt
@@ -336,74 +276,9 @@ class LlavaUHD(nn.Module):
 
         Greedy (``num_beams=1``) or beam search through ``transformers`` generate over ``inputs_embeds``
         with the KV cache. ``use_cache=False`` runs a plain greedy loop that re-reads the whole sequence
-        every step (the reference the cached path is tested against).
+        every step (the reference the cached path is tested against). Timings: :mod:`llava_uhd.generation`.
         """
-        if images is None:
-            images = []
-        elif isinstance(images, Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3):
-            images = [images]
-        pixels = [self.preprocess(im) if isinstance(im, Image.Image) else im for im in images]
-        device = self.llm.device
-        sizes = [tuple(p.shape[-2:]) for p in pixels]
-        ids = self.build_prompt_ids(prompt, sizes)
-        input_ids = torch.tensor([ids], device=device)
-        self._sync()
-        start = encoded = time.perf_counter()
-        visual = None
-        if pixels:
-            pixels = [p.to(device) for p in pixels]
-            encoder_out = self.run_encoder(torch.stack(pixels) if len(set(sizes)) == 1 else pixels)
-            self._sync()
-            encoded = time.perf_counter()
-            visual = self.project(encoder_out)
-        embeds = self.splice(input_ids, visual, sizes)
-        self._sync()
-        spliced = time.perf_counter()
-        clock = _StepClock(self._sync)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        if use_cache:
-            out = self.llm.generate(
-                inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                num_beams=num_beams, do_sample=False, use_cache=True, eos_token_id=eos,
-                pad_token_id=pad if pad is not None else eos, logits_processor=LogitsProcessorList([clock]),
-                **generate_kwargs,
-            )
-            new_ids = out[0].tolist()  # prompt given as inputs_embeds only: generate returns just the new tokens
-        else:
-            if num_beams != 1:
-                raise ValueError("the uncached reference path is greedy only (num_beams=1)")
-            new_ids = self._greedy_uncached(embeds, max_new_tokens, eos, clock)
-        self._sync()
-        end = time.perf_counter()
-        if eos in new_ids:
-            new_ids = new_ids[: new_ids.index(eos) + 1]
-        while new_ids and pad is not None and pad != eos and new_ids[-1] == pad:
-            new_ids.pop()
-        first = clock.times[0] if clock.times else end
-        decode_s = end - first
-        return GenerationResult(
-            text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
-            token_ids=new_ids,
-            encoder_ms=(encoded - start) * 1e3,
-            prefill_ms=(first - spliced) * 1e3,
-            ttft_ms=(first - start) * 1e3,
-            decode_tokens_per_s=(len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0,
-            num_image_tokens=0 if visual is None else visual.shape[0],
-            num_prompt_tokens=len(ids),
-        )
-
-    def _greedy_uncached(self, embeds: torch.Tensor, max_new_tokens: int, eos: int, clock: _StepClock) -> list[int]:
-        new_ids: list[int] = []
-        table = self.llm.get_input_embeddings()
-        for _ in range(max_new_tokens):
-            logits = self.llm(inputs_embeds=embeds, use_cache=False).logits[:, -1]
-            clock(None, logits)
-            token = logits.argmax(-1)
-            new_ids.append(int(token))
-            if new_ids[-1] == eos:
-                break
-            embeds = torch.cat([embeds, table(token)[:, None]], dim=1)
-        return new_ids
+        return generation.generate(self, images, prompt, max_new_tokens, num_beams, use_cache, **generate_kwargs)
 
     # -- save / load -----------------------------------------------------------------------------------------
     def save_pretrained(self, save_dir: str | Path) -> Path:

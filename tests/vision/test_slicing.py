@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import timm
 import torch
@@ -84,3 +86,19 @@ def test_num_image_tokens_matches_the_joined_stream(sbe, kind):
     assert [sbe.num_image_tokens(h, w, projector) for h, w in sizes] == expected
     assert joined.shape[0] == sum(expected)
     assert views_per_image(3, 1) == 4 and views_per_image(1, 1) == 1
+
+
+@pytest.mark.parametrize("kind", ["mlp", "merger"])
+def test_token_interface_is_the_slice_grid(sbe, kind):
+    """The SBE answers the encoder interface: its policy is the slice grid whatever the area limits, and the
+    picklable counter equals num_image_tokens; a size that is no slice grid is an error, not a floored count."""
+    projector = build_projector(kind, sbe.embed_dim, 16)
+    policy = sbe.policy(projector, min_pixels=10, max_pixels=20, max_side=30, name="release")
+    assert policy == SliceGridPolicy(28, 6) == sbe.policy(projector)
+    counter = pickle.loads(pickle.dumps(sbe.token_counter(projector)))
+    for size in [(28, 28), (56, 84), (84, 28), (28, 168)]:
+        out = sbe([torch.randn(3, *size)])
+        joined = sbe.join(projector(out.tokens, out.grids), out.layouts, torch.zeros(2, 16))
+        assert counter(*size) == sbe.num_image_tokens(*size, projector) == joined.shape[0]
+    with pytest.raises(ValueError, match="not a grid of 28px slices"):
+        sbe.num_image_tokens(30, 28, projector)

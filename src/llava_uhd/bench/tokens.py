@@ -2,7 +2,7 @@
 
 Every encoder is built on the meta device (no memory, no weights), the input size goes through the
 encoder's resolution policy exactly as ``LlavaUHD.preprocess`` does, and the count comes from the
-same ``count_image_tokens`` the model and the data pipeline use:
+same ``encoder.num_image_tokens`` the model and the data pipeline use (:mod:`llava_uhd.tokens`):
 
 - native-resolution encoders: aspect ratio kept, area clamped to [512^2, 1560^2], each side snapped to
   a multiple of the pixels per LLM token (ViT-UHD mlp 40, ViT-UHD merger 80, GNE merger 28); for
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from llava_uhd.mllm import count_image_tokens, resolution_policy
+import llava_uhd.vision.slicing  # noqa: F401  (registers the vit_uhd_* / vit_gne_* / vit_sbe_* timm models)
 from llava_uhd.projector import build_projector
 
 LLM_WIDTH = 3584  # Qwen2-7B
@@ -57,10 +57,10 @@ def token_counts(resolutions: list[tuple[int, int]], encoders=ENCODERS) -> list[
         with torch.device("meta"):
             encoder = timm.create_model(spec.encoder, **dict(spec.encoder_kwargs))
             projector = build_projector(spec.projector, encoder.embed_dim, LLM_WIDTH)
-        policy = resolution_policy(encoder, projector)
+        policy = encoder.policy(projector)
         for height, width in resolutions:
             size = policy.target_size(height, width)
-            rows.append(TokenCount(spec.label, (height, width), size, count_image_tokens(encoder, projector, *size)))
+            rows.append(TokenCount(spec.label, (height, width), size, encoder.num_image_tokens(*size, projector)))
     return rows
 
 

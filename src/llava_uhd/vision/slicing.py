@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
+from llava_uhd.tokens import ImageTokenCounter, views_per_image
+
+__all__ = ["SliceEncoder", "SliceGridPolicy", "SlicedOutput", "views_per_image"]
+
 
 @dataclass(frozen=True)
 class SliceGridPolicy:
@@ -88,24 +92,19 @@ class SlicedOutput:
     """(rows, cols) slice grid of every image."""
 
 
-def views_per_image(rows: int, cols: int) -> int:
-    """Thumbnail plus slices; a 1x1 grid is a single view."""
-    return 1 if rows * cols == 1 else rows * cols + 1
-
-
 class SliceEncoder(nn.Module):
     """Encodes a thumbnail and fixed-size slices of each image independently with a plain ViT."""
 
     def __init__(self, base: str | nn.Module, slice_size: int = 336, max_slices: int = 9, **base_kwargs) -> None:
         super().__init__()
         self.base = timm.create_model(base, **base_kwargs) if isinstance(base, str) else base
-        self.policy = SliceGridPolicy(slice_size, max_slices)
+        self.grid_policy = SliceGridPolicy(slice_size, max_slices)
         self.embed_dim = self.base.embed_dim
         self.view_grid = self.base.output_grid(slice_size, slice_size)
 
     @property
     def slice_size(self) -> int:
-        return self.policy.slice_size
+        return self.grid_policy.slice_size
 
     @property
     def reduction(self) -> int:
@@ -116,15 +115,28 @@ class SliceEncoder(nn.Module):
         """(rows, cols) of a preprocessed image, whose sides are multiples of the slice size."""
         s = self.slice_size
         if height % s or width % s:
-            raise ValueError(f"SBE input {height}x{width} is not a grid of {s}px slices; preprocess with .policy")
+            raise ValueError(f"SBE input {height}x{width} is not a grid of {s}px slices; "
+                             "preprocess with .policy(projector)")
         return height // s, width // s
 
+    # -- token-count interface (shared by every encoder kind: llava_uhd.tokens) ---------------------------------
     def num_image_tokens(self, height: int, width: int, projector: nn.Module) -> int:
         """LLM positions one preprocessed ``height x width`` image takes, separators included."""
-        rows, cols = self.layout(height, width)
+        self.layout(height, width)  # a size that is no slice grid is an error here, not a floored count
+        return self.token_counter(projector)(height, width)
+
+    def policy(
+        self, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560, max_side: int = 5120,
+        name: str = "default",
+    ) -> SliceGridPolicy:
+        """The slice grid: every view is encoded at the fixed slice size, so the area limits, the side cap and
+        the policy name (which native-resolution encoders take) do not apply and are ignored."""
+        return self.grid_policy
+
+    def token_counter(self, projector: nn.Module) -> ImageTokenCounter:
+        """A picklable ``(height, width) -> LLM tokens`` equal to :meth:`num_image_tokens`, for data workers."""
         gh, gw = projector.output_grid(*self.view_grid)
-        separators = 0 if rows * cols == 1 else rows * cols
-        return views_per_image(rows, cols) * gh * gw + separators
+        return ImageTokenCounter(self.reduction * projector.merge, self.slice_size, gh * gw)
 
     def _views(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         channels, height, width = image.shape
