@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from datamodules.samples import Sample
 from llava_uhd.conversation import IGNORE_INDEX
@@ -106,17 +107,15 @@ def policy_sizes(orig_sizes: list, policy: ResolutionPolicy) -> list[tuple[int, 
     return [policy.target_size(int(h), int(w)) for h, w in orig_sizes]
 
 
+def _right_padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=value)
+
+
 def collate(samples: list[Sample], pad_token_id: int) -> dict:
     """Right-padded token tensors, pixels (one tensor for a single grid shape, else a list), metadata."""
-    length = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        input_ids[i, :n] = torch.tensor(s.input_ids, dtype=torch.long)
-        labels[i, :n] = torch.tensor(s.labels, dtype=torch.long)
-        attention_mask[i, :n] = 1
+    input_ids = _right_padded([s.input_ids for s in samples], pad_token_id)
+    labels = _right_padded([s.labels for s in samples], IGNORE_INDEX)
+    attention_mask = _right_padded([[1] * len(s.input_ids) for s in samples], 0)
     images = [p for s in samples for p in s.pixel_values]
     image_sizes = [tuple(p.shape[-2:]) for p in images]
     if not images:

@@ -1,13 +1,16 @@
 import json
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from datamodules.batching import collate
+from datamodules.samples import Sample
 from llava_uhd.conversation import IGNORE_INDEX, tokenize_conversation
 from llava_uhd.llm import tiny_qwen2_config
-from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig
+from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig, count_image_tokens, resolution_policy
 from llava_uhd.tokenizer import build_tiny_tokenizer
 
 UHD, GNE, SBE = "vit_uhd_tiny_patch10_siglip", "vit_gne_tiny_patch14_siglip", "vit_sbe_tiny_patch14_siglip"
@@ -38,23 +41,15 @@ def make_model(tokenizer_dir, encoder=UHD, projector="mlp", encoder_kwargs=None,
 
 
 def make_batch(model, samples):
-    """samples: list of (turns, [image tensors]) -> a right-padded batch in the data pipeline's layout."""
+    """samples: list of (turns, [image tensors]) -> a batch made by the data pipeline's own collate."""
     rows = []
-    for turns, images in samples:
+    for i, (turns, images) in enumerate(samples):
         counts = [model.num_image_tokens(*im.shape[-2:]) for im in images]
-        rows.append(tokenize_conversation(turns, model.tokenizer, counts, max_length=1024,
-                                          vision_markers=model.config.vision_markers))
-    length = max(len(r.input_ids) for r in rows)
-    pad = model.tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r.input_ids + [pad] * (length - len(r.input_ids)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * (length - len(r.input_ids)) for r in rows]),
-        "labels": torch.tensor([r.labels + [IGNORE_INDEX] * (length - len(r.input_ids)) for r in rows]),
-        "pixel_values": [im for _, images in samples for im in images],
-        "images_per_sample": [len(images) for _, images in samples],
-        "image_sizes": [tuple(im.shape[-2:]) for _, images in samples for im in images],
-        "sample_ids": list(range(len(samples))),  # metadata the model ignores
-    }
+        tokens = tokenize_conversation(turns, model.tokenizer, counts, max_length=1024,
+                                       vision_markers=model.config.vision_markers)
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        rows.append(Sample(f"sample-{i}", list(images), sizes, tokens.input_ids, tokens.labels))
+    return collate(rows, model.tokenizer.pad_token_id)
 
 
 def chat(question, answer, *more):
@@ -130,10 +125,11 @@ def test_packed_batch_matches_per_sample_and_dense_matches_packed(tokenizer_dir)
             alone = make_batch(model, [sample])
             n = alone["input_ids"].shape[1]
             torch.testing.assert_close(logits[i, :n], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
-        # Same-size images: the dense [N, 3, H, W] encoder path equals the packed list path.
+        # Same-size images: the dense [N, 3, H, W] encoder path (what collate makes of one grid shape) equals the
+        # packed list path.
         same = make_batch(model, [samples[1], (chat("<image>\nAnd this?", "A dog."), [torch.randn(3, 120, 40)])])
-        packed = model(**same).logits
-        dense = model(**dict(same, pixel_values=torch.stack(same["pixel_values"]))).logits
+        packed = model(**dict(same, pixel_values=list(same["pixel_values"]))).logits
+        dense = model(**same).logits
     torch.testing.assert_close(dense, packed, atol=1e-5, rtol=1e-5)
 
 
@@ -244,3 +240,27 @@ def test_batches_from_the_data_module_train(tokenizer_dir, tmp_path, packed):
         assert isinstance(batch["pixel_values"], torch.Tensor)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "projector", "encoder_kwargs"),
+    [(UHD, "mlp", {}), (GNE, "merger", {}), (SBE, "merger", {"slice_size": 56, "max_slices": 4})],
+)
+def test_the_worker_counter_counts_what_the_encoder_emits(tokenizer_dir, encoder, projector, encoder_kwargs):
+    """One interface for every encoder kind: the picklable counter the data workers use, the model's count and
+    the tokens the encoder and projector really produce agree (SBE separators included)."""
+    model = make_model(tokenizer_dir, encoder, projector, encoder_kwargs)
+    counter = pickle.loads(pickle.dumps(model.image_token_counter()))
+    for width, height in [(150, 100), (60, 90), (200, 40)]:
+        pixels = model.preprocess(Image.new("RGB", (width, height), "red"))
+        with torch.no_grad():
+            emitted = model.encode_images([pixels]).shape[0]
+        assert counter(*pixels.shape[-2:]) == model.num_image_tokens(*pixels.shape[-2:]) == emitted
+
+
+def test_old_count_and_policy_functions_warn_and_still_answer(tokenizer_dir):
+    model = make_model(tokenizer_dir, SBE, "mlp", {"slice_size": 28})
+    with pytest.warns(DeprecationWarning, match="count_image_tokens is deprecated"):
+        assert count_image_tokens(model.encoder, model.projector, 56, 56) == 24
+    with pytest.warns(DeprecationWarning, match="resolution_policy is deprecated"):
+        assert resolution_policy(model.encoder, model.projector) == model.policy
