@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, probe, run_app, saved_step, tiny_data
+from .helpers.app import CONFIGS, MAIN, ROOT, app_args, app_env, checkpoint_dir, probe, run_app, saved_step
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -37,16 +37,16 @@ def launch_twice(data: Path, run_dir: Path, overlay: str, *extra: str, data_args
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    data = tiny_data(tmp_path_factory)
+def ddp_run(app_data, tmp_path_factory) -> Path:
+    data = app_data
     run_dir = tmp_path_factory.mktemp("ddp")
     launch_twice(data, run_dir, "ddp.yaml", "--model.init_args.nan_steps", "[1]", "--model.init_args.nan_ranks", "[1]")
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory) -> Path:
-    data = tiny_data(tmp_path_factory)
+def fsdp2_run(app_data, tmp_path_factory) -> Path:
+    data = app_data
     run_dir = tmp_path_factory.mktemp("fsdp2")
     nan = ("--model.init_args.nan_steps", "[2]", "--model.init_args.nan_ranks", "[0]")
     # packed (mixed-size) batches: the packed ViT path must go through each sharded block's hooks
@@ -117,7 +117,7 @@ def test_fsdp1_overlay_resolves_to_an_fsdp_strategy():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     out = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "main.py"), "fit", "-c", str(CONFIGS / "stage3.yaml"),
+        [sys.executable, str(MAIN), "fit", "-c", str(CONFIGS / "stage3.yaml"),
          "-c", str(CONFIGS / "fsdp1.yaml"), "--print_config"],
         cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=120,
     )

@@ -1,8 +1,9 @@
 """Exact mid-epoch resume through the app: a one-epoch run is SIGKILLed a few steps after a checkpoint in the
 middle of its epoch, resumed with ``--ckpt_path last``, and the keys of the samples trained (logged by
-:class:`KeyLog`) show every sample of the epoch trained exactly once, counting from the killed run only the
-batches up to its checkpoint. With 0 and 2 data-loader workers, with packed batches, and under 2-process DDP.
-A checkpoint without stream state (an older version's) still resumes, with a warning that the stream restarts.
+:class:`tests.helpers.probes.KeyLog`) show every sample of the epoch trained exactly once, counting from the
+killed run only the batches up to its checkpoint. With 0 and 2 data-loader workers, with packed batches, and
+under 2-process DDP. A checkpoint without stream state (an older version's) still resumes, with a warning that
+the stream restarts.
 """
 
 from __future__ import annotations
@@ -11,38 +12,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from datamodules import write_synthetic
 
-from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, saved_step, tiny_data
+from .helpers.app import CONFIGS, app_args, checkpoint_dir, run_app, saved_step, start_app
+from .helpers.probes import HOLD_ENV, KEYLOG_ENV
 
 pytestmark = pytest.mark.slow
-KEYLOG_ENV = "LLAVA_UHD_TEST_KEYLOG"
-HOLD_ENV = "LLAVA_UHD_TEST_HOLD_AT_STEP"
-
-
-class KeyLog(Callback):
-    """Appends ``{"step", "keys"}`` of every trained batch to ``$LLAVA_UHD_TEST_KEYLOG/rank<r>.jsonl``; with
-    ``$LLAVA_UHD_TEST_HOLD_AT_STEP`` set, every rank stops (sleeps) once it has logged that step, so the test's
-    SIGKILL lands at a known step and no later checkpoint can be written first."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        folder = os.environ.get(KEYLOG_ENV)
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            with open(Path(folder) / f"rank{trainer.global_rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": trainer.global_step, "keys": list(batch["keys"])}) + "\n")
-        hold = os.environ.get(HOLD_ENV)
-        if hold and trainer.global_step >= int(hold):
-            while True:  # wait here for the test's SIGKILL
-                time.sleep(1)
 
 
 def shards(tmp_path_factory, name: str, side: tuple[int, int]) -> Path:
@@ -53,10 +34,8 @@ def shards(tmp_path_factory, name: str, side: tuple[int, int]) -> Path:
 
 
 def launch(args: list[str], keylog: Path, log: Path, hold: int) -> subprocess.Popen:
-    env = {**app_env(threads=1), KEYLOG_ENV: str(keylog), HOLD_ENV: str(hold)}
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {KEYLOG_ENV: str(keylog), HOLD_ENV: str(hold)}
+    return start_app(args, log, threads=1, env=env, new_session=True)
 
 
 def logged(keylog: Path, rank: int = 0) -> list[dict]:
@@ -86,17 +65,13 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, every: int, ranks: int
 
 
 def resume(args: list[str], run_dir: Path) -> str:
-    env = {**app_env(threads=1), KEYLOG_ENV: str(run_dir / "keys_resumed")}
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "main.py"), *args, "--ckpt_path", "last"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return output
+    env = {KEYLOG_ENV: str(run_dir / "keys_resumed")}
+    return run_app([*args, "--ckpt_path", "last"], timeout=300, threads=1, env=env)
 
 
 def one_epoch_args(data: Path, train: Path, run_dir: Path, every: int, *extra: str) -> list[str]:
     return [*app_args(data, run_dir, -1, every, "--data.train_shards", str(train), *extra),
-            "--trainer.max_epochs", "1", "--trainer.callbacks+=tests.test_exact_resume.KeyLog"]
+            "--trainer.max_epochs", "1", "--trainer.callbacks+=tests.helpers.probes.KeyLog"]
 
 
 def trained_once(run_dir: Path, cut: int, ranks: int) -> list[str]:
@@ -124,12 +99,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.distributed) if c == "ddp" else c for c in CASES])
-def test_sigkill_mid_epoch_then_resume_trains_every_sample_once(tmp_path_factory, tmp_path, case):
+def test_sigkill_mid_epoch_then_resume_trains_every_sample_once(app_data, tmp_path_factory, tmp_path, case):
     side, extra = CASES[case]
     ranks = 2 if case == "ddp" else 1
     if ranks > 1:
         extra = (*extra, "--data.max_batch_size", "2")  # equal-size images: 8 batches on each rank, no padding
-    data, train = tiny_data(tmp_path_factory), shards(tmp_path_factory, case, side)
+    data, train = app_data, shards(tmp_path_factory, case, side)
     args = one_epoch_args(data, train, tmp_path, 2, *extra)
     cut = kill_after_checkpoint(args, tmp_path, 2, ranks)
     output = resume(args, tmp_path)
@@ -138,9 +113,9 @@ def test_sigkill_mid_epoch_then_resume_trains_every_sample_once(tmp_path_factory
     assert trained_once(tmp_path, cut, ranks) == ALL_KEYS
 
 
-def test_checkpoint_without_stream_state_resumes_with_a_warning(tmp_path_factory, tmp_path):
+def test_checkpoint_without_stream_state_resumes_with_a_warning(app_data, tmp_path_factory, tmp_path):
     """An older version's checkpoint (no stream state): resumes at its step, warns, the stream restarts."""
-    data, train = tiny_data(tmp_path_factory), shards(tmp_path_factory, "workers0", (32, 64))
+    data, train = app_data, shards(tmp_path_factory, "workers0", (32, 64))
     args = one_epoch_args(data, train, tmp_path, 2)
     cut = kill_after_checkpoint(args, tmp_path, 2, 1)
     last = checkpoint_dir(tmp_path) / "last.ckpt"

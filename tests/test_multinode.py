@@ -4,33 +4,27 @@ from it with ``--ckpt_path last``: the multi-machine launch of the README's scal
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torch.distributed.elastic.utils.distributed import get_free_port
 
-from .test_resume import CONFIGS, ROOT, app_args, app_env, checkpoint_dir, probe, saved_step, tiny_data
+from .helpers.app import CONFIGS, MAIN, ROOT, app_args, app_env, checkpoint_dir, probe, saved_step
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_nodes(args: list[str], run_dir: Path, tag: str, timeout: float = 300) -> list[str]:
     """Start both nodes' torchrun agents (static rendezvous on a free port) and wait for both; their logs."""
-    port = free_port()
+    port = get_free_port()
     procs, logs = [], []
     for node_rank in (0, 1):
         log = run_dir / f"{tag}_node{node_rank}.log"
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   str(ROOT / "src" / "main.py"), *args]
+                   str(MAIN), *args]
         with open(log, "w") as out:
             procs.append(subprocess.Popen(command, cwd=ROOT, env=app_env(1), stdout=out, stderr=subprocess.STDOUT))
         logs.append(log)
@@ -47,8 +41,8 @@ def launch_two_nodes(args: list[str], run_dir: Path, tag: str, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def two_node_run(tmp_path_factory) -> Path:
-    data = tiny_data(tmp_path_factory)
+def two_node_run(app_data, tmp_path_factory) -> Path:
+    data = app_data
     run_dir = tmp_path_factory.mktemp("multinode")
     nodes = ("-c", str(CONFIGS / "ddp.yaml"), "--trainer.devices", "1", "--trainer.num_nodes", "2")
     launch_two_nodes(app_args(data, run_dir, 4, 2, *nodes), run_dir, "first")

@@ -1,17 +1,12 @@
 """Kill and resume: a run killed by SIGKILL during training, or in the middle of writing a checkpoint, resumes
 with ``--ckpt_path last`` at the last saved step, and every ``*.ckpt`` it leaves loads with ``weights_only``.
-
-Also holds the helpers the distributed and non-finite tests share: tiny data made once per session, the
-``src/main.py fit`` command line, and the probe files :class:`tests.test_nonfinite.ProbePretrain` writes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -19,81 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import write_synthetic
 from llava_uhd.checkpoint_io import PARTIAL
-from llava_uhd.tokenizer import build_tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-PROBE = "tests.test_nonfinite.ProbePretrain"  # Pretrain on small images that writes what it saw (see there)
-_DATA: dict[str, Path] = {}
-
-
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards (40-80 px shape grids), tokenizer and a callbacks overlay, made once per session, read-only after."""
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _DATA:
-        root = tmp_path_factory.mktemp("app_data")
-        write_synthetic("shapegrid", 32, str(root / "train"), seed=0, min_side=40, max_side=80)
-        write_synthetic("shapegrid", 4, str(root / "val"), seed=1, min_side=40, max_side=80)
-        build_tiny_tokenizer(str(root / "tokenizer"))
-        # base.yaml's freezing callback only: stage 2 keeps its LLM frozen; no export / monitors to pay for
-        (root / "callbacks.yaml").write_text("trainer:\n  callbacks:\n    - class_path: callbacks.PreAlignmentFreeze\n")
-        _DATA[key] = root
-    return _DATA[key]
-
-
-def app_args(data: Path, run_dir: Path, steps: int, every: int, *extra: str) -> list[str]:
-    """``fit`` arguments for stage 2 on the tiny overlay, logging and checkpointing into ``run_dir``."""
-    return [
-        "fit", "-c", str(CONFIGS / "stage2.yaml"), "-c", str(CONFIGS / "tiny.yaml"), "-c", str(data / "callbacks.yaml"),
-        "--model.class_path", PROBE, "--model.init_args.probe_dir", str(run_dir / "probe"),
-        "--model.tokenizer", str(data / "tokenizer"),
-        "--data.train_shards", str(data / "train"), "--data.val_shards", str(data / "val"), "--data.synthetic", "null",
-        "--data.max_batch_size", "2",
-        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps),
-        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(run_dir / "runs"),
-        "--checkpoint.every_n_train_steps", str(every),
-        *extra,
-    ]
-
-
-def app_env(threads: int = 2) -> dict[str, str]:
-    """``tests`` importable (the probe module), and no more threads than the 2 cores can run."""
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": str(threads)}
-
-
-def run_app(args: list[str], timeout: float = 240, threads: int = 2) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=ROOT, env=app_env(threads),
-                          capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return output
-
-
-def start_app(args: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=ROOT, env=app_env(),
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
-def probe(run_dir: Path, rank: int = 0, name: str = "probe") -> dict:
-    """What :class:`tests.test_nonfinite.ProbePretrain` recorded on ``rank`` (``name``: its probe folder)."""
-    return json.loads((run_dir / name / f"rank{rank}.json").read_text())
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    (found,) = (run_dir / "runs" / "stage2").glob("version_*/checkpoints")
-    return found
-
-
-def saved_step(path: Path) -> int:
-    """The global step a checkpoint holds: a ``.ckpt`` file, or a distributed-checkpoint directory's meta.pt."""
-    file = path / "meta.pt" if path.is_dir() else path
-    return int(torch.load(file, map_location="cpu", weights_only=True)["global_step"])
+from .helpers.app import ROOT, app_args, checkpoint_dir, probe, run_app, saved_step, start_app
 
 
 def assert_checkpoints_load(directory: Path) -> list[Path]:
@@ -135,8 +58,8 @@ def resume_and_check(data: Path, run_dir: Path, extra_steps: int = 2, every: int
 
 
 @pytest.mark.slow
-def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path_factory, tmp_path):
-    data = tiny_data(tmp_path_factory)
+def test_sigkill_during_training_resumes_from_last_checkpoint(app_data, tmp_path):
+    data = app_data
     log = tmp_path / "killed.log"
     proc = start_app(app_args(data, tmp_path, 1000, 2), log)
     ckpts = tmp_path / "runs" / "stage2" / "version_0" / "checkpoints"
@@ -156,11 +79,11 @@ def saving_over_a_saved_last(ckpts: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_during_checkpoint_save_leaves_no_corrupt_checkpoint(tmp_path_factory, tmp_path):
+def test_sigkill_during_checkpoint_save_leaves_no_corrupt_checkpoint(app_data, tmp_path):
     """Every step writes last.ckpt with 48 MB of ballast (only last.ckpt: save_top_k 0), so a write takes long
     enough to be caught: the kill is sent as soon as ``last.ckpt.partial-<pid>`` appears over a complete
     last.ckpt. A kill that still lands after the rename is retried with a fresh run (at most 3 runs)."""
-    data = tiny_data(tmp_path_factory)
+    data = app_data
     extra = ("--model.init_args.ballast_mb", "48", "--checkpoint.save_top_k", "0")
     for attempt in range(3):
         run_dir = tmp_path / f"attempt{attempt}"

@@ -15,7 +15,7 @@ import llava_uhd.vision  # noqa: F401  (registers the models)
 from llava_uhd.vision import encoder_from_state_dict, load_encoder
 from llava_uhd.vision.pvc import refine_patch_embed
 
-from .test_vit_uhd import timm_reference
+from ..helpers.vit import hf_layout, timm_reference
 
 _RENAMES = {
     "norm1.": "norm0.",
@@ -266,8 +266,6 @@ def test_bad_inputs_give_one_clear_error_each(tmp_path, moonvit_folder):
 
 
 def test_hf_siglip_folder_takes_heads_and_eps_from_its_nested_vision_config(tmp_path):
-    from .test_weights import hf_layout
-
     ref = timm_reference()
     state = hf_layout({k: v.contiguous() for k, v in ref.state_dict().items()})
     config = {"model_type": "siglip", "vision_config": {"hidden_size": 64, "num_attention_heads": 2,

@@ -10,31 +10,7 @@ import llava_uhd.vision  # noqa: F401  (registers the models)
 from llava_uhd.vision import ViTUHD, ViTUHDConfig
 from llava_uhd.vision.report import policy_for
 
-
-def timm_reference(**overrides) -> torch.nn.Module:
-    """A stock timm SigLIP-style ViT of the tiny shape (MAP head included, as real checkpoints have)."""
-    kwargs = dict(
-        img_size=224,
-        patch_size=14,
-        embed_dim=64,
-        depth=6,
-        num_heads=2,
-        mlp_ratio=4.0,
-        class_token=False,
-        no_embed_class=True,
-        global_pool="map",
-        num_classes=0,
-        dynamic_img_size=True,
-        act_layer="gelu_tanh",
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
-    with torch.no_grad():  # non-trivial norms and biases so that parity checks every parameter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+from ..helpers.vit import timm_reference
 
 
 @pytest.fixture(scope="module")

@@ -11,35 +11,7 @@ import llava_uhd.vision  # noqa: F401
 from llava_uhd.vision.pvc import refine_patch_embed
 from llava_uhd.vision.weights import read_state_dict
 
-from .test_vit_uhd import timm_reference
-
-
-def hf_layout(state: dict) -> dict:
-    """The same weights under transformers' SiglipVisionModel names (q/k/v split)."""
-    out = {}
-    for key, value in state.items():
-        if key == "patch_embed.proj.weight":
-            out["vision_model.embeddings.patch_embedding.weight"] = value
-        elif key == "patch_embed.proj.bias":
-            out["vision_model.embeddings.patch_embedding.bias"] = value
-        elif key == "pos_embed":
-            out["vision_model.embeddings.position_embedding.weight"] = value[0]
-        elif key.startswith("norm."):
-            out["vision_model.post_layernorm." + key[5:]] = value
-        elif key.startswith("blocks."):
-            _, layer, rest = key.split(".", 2)
-            prefix = f"vision_model.encoder.layers.{layer}."
-            if rest.startswith("attn.qkv."):
-                kind = rest.rsplit(".", 1)[1]
-                for name, part in zip("qkv", value.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{name}_proj.{kind}"] = part.clone()
-            else:
-                rest = rest.replace("norm1", "layer_norm1").replace("norm2", "layer_norm2")
-                rest = rest.replace("attn.proj", "self_attn.out_proj")
-                out[prefix + rest] = value
-        else:
-            out["vision_model.head." + key] = value
-    return out
+from ..helpers.vit import hf_layout, timm_reference
 
 
 @pytest.fixture(scope="module")
