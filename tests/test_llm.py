@@ -4,12 +4,6 @@ import pytest
 import torch
 
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer, tiny_qwen2_config
-from llava_uhd.tokenizer import build_tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_tiny_config_builds_a_random_qwen2():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 
-from datamodules import UHDDataModule, write_synthetic
+from datamodules import write_synthetic
 from llava_uhd.stages import PARTS
+
+from ..helpers.fit import tiny_datamodule, tiny_fit
 
 HIGH_LR = {part: 1e-2 for part in PARTS}
 
@@ -34,9 +35,7 @@ def make_module(data_dir):
 @pytest.fixture
 def make_datamodule(data_dir):
     def make(**kwargs):
-        defaults = dict(train_shards=str(data_dir / "train"), num_workers=0, batch_token_budget=400, max_length=1024,
-                        sample_shuffle=0)
-        return UHDDataModule(**{**defaults, **kwargs})
+        return tiny_datamodule(data_dir / "train", **kwargs)
 
     return make
 
@@ -44,12 +43,6 @@ def make_datamodule(data_dir):
 @pytest.fixture
 def fit(make_datamodule, tmp_path):
     def run(module, callbacks, max_steps=3, datamodule=None, **trainer_kwargs):
-        trainer = L.Trainer(**{
-            "max_steps": max_steps, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
-            "callbacks": callbacks, **trainer_kwargs,
-        })
-        trainer.fit(module, datamodule or make_datamodule())
-        return trainer
+        return tiny_fit(module, datamodule or make_datamodule(), tmp_path, callbacks, max_steps, **trainer_kwargs)
 
     return run

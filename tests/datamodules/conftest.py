@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny tokenizer, image bytes in every mode, and shard writing into a temp dir."""
+"""Shared helpers: image bytes in every mode and shard writing into a temp dir (the tiny tokenizer fixture is the
+session one of ``tests/conftest.py``)."""
 
 import io
 import json
@@ -6,19 +7,12 @@ import struct
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from datamodules.shards import ShardSetWriter
-from llava_uhd.tokenizer import build_tiny_tokenizer
 
 SMALL = dict(pixels_per_token=16, min_pixels=64 * 64, max_pixels=128 * 128, max_side=512, max_length=512,
              num_workers=0, pin_memory=False, sample_shuffle=0)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def image_bytes(h=64, w=96, mode="RGB", fmt="JPEG", seed=0) -> bytes:

@@ -1,14 +1,15 @@
 """A fine-tuned release: its all-zero WTC gates are named by ZeroInitCheck; ``reinit_wtc_gate`` revives them."""
 
-import lightning as L
 import pytest
 import torch
 
 from callbacks import ZeroInitCheck, ZeroInitError
 from callbacks.wtc_modules import find_wtc
-from datamodules import UHDDataModule, write_synthetic
+from datamodules import write_synthetic
 from llava_uhd.stages import SFT
 from llava_uhd.vision.pvc import average_pool_windows
+
+from ..helpers.fit import tiny_datamodule, tiny_fit
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,7 @@ def module_from(release_dir, **kwargs):
 
 
 def fit(module, shards, tmp_path, steps=1):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=[ZeroInitCheck(check_start=False)])
-    dm = UHDDataModule(train_shards=str(shards), num_workers=0, batch_token_budget=400, max_length=1024,
-                       sample_shuffle=0)
-    trainer.fit(module, dm)
+    tiny_fit(module, tiny_datamodule(shards), tmp_path, [ZeroInitCheck(check_start=False)], steps)
 
 
 def test_release_gates_are_all_zero_and_the_check_names_the_case(release_dir, shards, tmp_path):
