@@ -8,7 +8,7 @@ next to its shards, and ``skipped.jsonl`` (one ``{"id", "reason", "detail"}`` pe
 
 ``samples`` lets the loader balance shards over ranks by sample count; ``image_sizes`` (original sizes of
 each sample's images) lets it compute, before reading any pixels, how many batches each rank will make,
-which is how every rank is given the same number of batches (see ``datamodules.datamodule``).
+which is how every rank is given the same number of batches (see ``datamodules.stream``).
 
 A whole set is written through :func:`datamodules.writer.replacing_dir` (a temporary sibling swapped in on
 success), and a shard spec becomes urls through :func:`resolve_shards`, which turns every mistake in it into one

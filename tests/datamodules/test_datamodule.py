@@ -8,6 +8,7 @@ from PIL import Image
 
 from datamodules.batching import Bucketer, collate
 from datamodules.datamodule import UHDDataModule
+from datamodules.stream import equalize
 from datamodules.synthetic import write_synthetic
 from llava_uhd.conversation import IGNORE_INDEX, IMAGE_PAD
 
@@ -211,3 +212,11 @@ def test_policy_is_the_shared_preprocess(tmp_path, tokenizer):
     assert pixels.dtype == torch.uint8  # shipped compact; the model normalises on its device
     assert torch.equal(normalize(pixels), preprocess(Image.open(io.BytesIO(data)), dm.policy))
     assert batch["orig_sizes"] == [(70, 150)]
+
+
+def test_equalize_tops_up_short_ranks_and_trims_long_ones():
+    """Every rank gets the same number of batches: short rows are padded worker by worker, long ones trimmed
+    from their largest worker."""
+    assert equalize([[3, 1], [1, 1]], 4) == [[3, 1], [2, 2]]
+    assert equalize([[2, 2, 1]], 8) == [[3, 3, 2]]
+    assert equalize([[5, 1]], 3) == [[2, 1]]
