@@ -1,5 +1,5 @@
-"""The packing and roofline benchmarks on the tiny encoder: what they measure is what they say, and bad input
-ends in one message."""
+"""The packing and roofline benchmarks (``bench pack`` / ``bench roofline``) on the tiny encoder: what they
+measure is what they say, bad input ends in one message, and the old ``llava_uhd.vision.bench`` still runs them."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 
-from llava_uhd.vision import bench
-from llava_uhd.vision.report import PARTS, PartTimer, gemm_rate, part_flops, part_of
+from llava_uhd.bench import pack
+from llava_uhd.bench.__main__ import main
+from llava_uhd.bench.roofline import PARTS, PartTimer, gemm_rate, part_flops, part_of
 
 TINY = "vit_uhd_tiny_patch10_siglip"
 SIZES = [(40, 80), (80, 40), (80, 80)]
@@ -58,7 +59,7 @@ def test_gemm_rate_is_a_plausible_flop_rate():
 
 
 def test_pack_run_times_three_modes_and_matches_one_by_one(tmp_path):
-    result = bench.run_pack(TINY, SIZES, repeats=2, warmup=0, device="cpu")
+    result = pack.measure(TINY, SIZES, repeats=2, warmup=0, device="cpu")
     modes = [r["mode"] for r in result["rows"]]
     assert modes == ["one_by_one", "packed", "block_diagonal"]
     assert all(len(r["times_ms"]) == 2 and r["median_ms"] > 0 for r in result["rows"])
@@ -67,7 +68,7 @@ def test_pack_run_times_three_modes_and_matches_one_by_one(tmp_path):
     assert result["packed_vs_one_by_one_max_abs_diff"] < 1e-4
     by = {r["mode"]: r["median_ms"] for r in result["rows"]}
     assert result["packed_over_one_by_one"] == pytest.approx(by["packed"] / by["one_by_one"])
-    paths = bench.write_pack(result, tmp_path)
+    paths = pack.write(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
     with open(tmp_path / "pack_bench.csv") as f:
         assert [row["mode"] for row in csv.DictReader(f)] == modes
@@ -75,8 +76,9 @@ def test_pack_run_times_three_modes_and_matches_one_by_one(tmp_path):
 
 @pytest.mark.slow
 def test_encoder_bench_writes_the_roofline_beside_its_plot(tmp_path, capsys):
-    result = bench.main(["--shape", "tiny", "--resolution", "80", "--repeats", "1", "--warmup", "0",
-                         "--out", str(tmp_path)])
+    assert main(["roofline", "--shape", "tiny", "--resolution", "80", "--repeats", "1", "--warmup", "0",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "vision_bench.json").read_text())
     rows = {(r["model"], r["part"]): r for r in result["roofline"]}
     whole = rows[(TINY, "encoder")]
     assert whole["ms"] == result["rows"][0]["median_ms"] and whole["gflop"] > 0
@@ -92,28 +94,57 @@ def test_encoder_bench_writes_the_roofline_beside_its_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--pack", "--sizes", "40x"], "is not HEIGHTxWIDTH"),
-        (["--pack", "--sizes", "0x40"], "must be positive"),
-        (["--pack", "--model", "vit_uhd_tiny_patch10_sigllip"], "unknown encoder"),
-        (["--pack", "--model", TINY, "--sizes", "50x50"], "must be a positive multiple of 40"),
-        (["--pack", "--model", TINY, "--device", "cuda:0"], "no CUDA device"),
-        (["--repeats", "0"], "--repeats and --threads must be >= 1"),
-        (["--resolution", "big"], "invalid int value"),
+        (["pack", "--sizes", "40x"], "is not HEIGHTxWIDTH"),
+        (["pack", "--sizes", "0x40"], "must be positive"),
+        (["pack", "--model", "vit_uhd_tiny_patch10_sigllip"], "unknown encoder"),
+        (["pack", "--model", TINY, "--sizes", "50x50"], "must be a positive multiple of 40"),
+        (["pack", "--model", TINY, "--device", "cuda:0"], "no CUDA device"),
+        (["roofline", "--repeats", "0"], "--repeats and --threads must be >= 1"),
+        (["roofline", "--resolution", "big"], "invalid int value"),
     ],
 )
 def test_bad_input_is_one_clear_message(args, message, capsys, tmp_path):
     if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit) as exit_:
-        bench.main([*args, "--out", str(tmp_path / "out")])
+        main([*args, "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_an_out_path_that_is_a_file_stops_before_any_timing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_pack", lambda *a, **k: pytest.fail("timed before checking --out"))
+    monkeypatch.setattr(pack, "measure", lambda *a, **k: pytest.fail("timed before checking --out"))
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--pack", "--model", TINY, "--out", str(tmp_path / "file")])
+        main(["pack", "--model", TINY, "--out", str(tmp_path / "file")])
     assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_the_old_vision_bench_command_runs_the_new_one_and_names_it(tmp_path, capsys):
+    from llava_uhd.vision import bench as old
+
+    assert old.main(["--pack", "--model", TINY, "--sizes", "40x80", "80x40", "--repeats", "1", "--warmup", "0",
+                     "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "deprecated" in captured.err and "python -m llava_uhd.bench pack" in captured.err
+    assert "packed / one-by-one" in captured.out
+    result = json.loads((tmp_path / "pack_bench.json").read_text())
+    assert result["command"].startswith("python -m llava_uhd.vision.bench --pack") and result["sizes"] == ["40x80",
+                                                                                                       "80x40"]
+    with pytest.raises(SystemExit) as exit_:
+        old.main(["--repeats", "0", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--repeats and --threads must be >= 1" in capsys.readouterr().err
+
+
+def test_moved_names_still_resolve_with_a_deprecation_warning():
+    from llava_uhd.bench import roofline
+    from llava_uhd.vision import bench as old
+    from llava_uhd.vision import report
+
+    with pytest.warns(DeprecationWarning, match="llava_uhd.bench.pack.measure"):
+        assert old.run_pack is pack.measure
+    with pytest.warns(DeprecationWarning, match="llava_uhd.bench.roofline.PartTimer"):
+        assert report.PartTimer is roofline.PartTimer
+    with pytest.raises(AttributeError):
+        report.not_a_name  # noqa: B018

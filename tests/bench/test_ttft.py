@@ -6,7 +6,8 @@ import pytest
 from llava_uhd.bench.__main__ import main
 from llava_uhd.bench.tokens import ENCODERS as TOKEN_SPECS
 from llava_uhd.bench.tokens import token_counts
-from llava_uhd.bench.ttft import ENCODERS, count_rows, flop_checks, llm_config, text_token_count, tiny_tokenizer
+from llava_uhd.bench.ttft import count_rows, flop_checks, text_token_count, tiny_tokenizer
+from llava_uhd.bench.ttft_models import ENCODERS, llm_config
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_tiny_cli_writes_tables_and_plots(tmp_path, capsys):
 
 
 def test_moonvit_family_runs_the_rope_encoders_and_writes_its_own_files(tmp_path):
-    from llava_uhd.bench.ttft import build_vits
+    from llava_uhd.bench.ttft_models import build_vits
 
     vits = build_vits("tiny", "moonvit")
     assert {k: v.registry_name for k, v in vits.items()} == {"gne": "vit_gne_tiny_patch14_moonvit",
@@ -83,7 +84,7 @@ def test_moonvit_family_runs_the_rope_encoders_and_writes_its_own_files(tmp_path
 def test_compile_models_compiles_each_shared_module_once(monkeypatch, tmp_path):
     import torch
 
-    from llava_uhd.bench.ttft import build_models, compile_models
+    from llava_uhd.bench.ttft_models import build_models, compile_models
 
     models = build_models("tiny", tiny_tokenizer(tmp_path / "tok"), torch.device("cpu"))
     compiled = []

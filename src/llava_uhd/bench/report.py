@@ -1,4 +1,5 @@
-"""Tables and figures of ``bench pilot`` / ``bench ablate`` from their per-run records (``result.json``).
+"""Tables of the benchmarks: the one markdown-table and CSV writer every benchmark and report uses, and the
+files of ``bench pilot`` / ``bench ablate`` from their per-run records (``result.json``).
 
 Per arm (or ablation config) a summary row (``stats.summarize``), per run a seed row, per run a JSON copy of
 its record under ``seeds/<stem>/`` in the output folder: what a reader needs to check a claim against the runs.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,16 +24,23 @@ SEED_KEYS = ["name", "seed", "accuracy", "learned_at_step", "cut_correct", "cut_
 """Columns of the per-seed table (``<stem>_seeds.csv``)."""
 
 
-def _csv(path: Path, rows: list[dict], keys: list[str]) -> None:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = str) -> str:
+    """A GitHub markdown table (no trailing newline); ``fmt`` turns each cell into its text."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: Iterable[dict], fields: Sequence[str], digits: int | None = None) -> None:
+    """``rows`` as CSV with the columns ``fields`` (other keys left out, missing ones empty); floats rounded to
+    ``digits`` decimals when given."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
-            *["| " + " | ".join(row) + " |" for row in rows]]
+        for row in rows:
+            if digits is not None:
+                row = {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+            writer.writerow(row)
 
 
 def summaries(records: list[dict], extra=lambda first: {}) -> list[dict]:
@@ -84,8 +94,8 @@ def write_pilot(out: Path, stem: str, records: list[dict], mask: np.ndarray, inf
     out.mkdir(parents=True, exist_ok=True)
     arms = summaries(records)
     keys = list(arms[0])
-    _csv(out / f"{stem}.csv", arms, keys)
-    _csv(out / f"{stem}_seeds.csv", records, SEED_KEYS)
+    write_csv(out / f"{stem}.csv", arms, keys)
+    write_csv(out / f"{stem}_seeds.csv", records, SEED_KEYS)
     cells = {a["name"]: pooled_cells(records, a["name"]) for a in arms}
     with open(out / f"{stem}_cells.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -102,8 +112,8 @@ def write_pilot(out: Path, stem: str, records: list[dict], mask: np.ndarray, inf
     rows = [[a["name"], a["encoder"], a["projector"], str(a["image_tokens"]), str(a["seeds"]),
              mean_pm(a["accuracy_mean"], a["accuracy_std"]), learned_cell(a), interval_cell(a, "cut"),
              interval_cell(a, "uncut")] for a in arms]
-    text = _table(header, rows) + ["", *_table(SEED_HEADER, seed_rows(records))]
-    (out / f"{stem}.md").write_text("\n".join(text) + "\n")
+    text = markdown_table(header, rows) + "\n\n" + markdown_table(SEED_HEADER, seed_rows(records))
+    (out / f"{stem}.md").write_text(text + "\n")
     spec, task = info["data"], info["task"]
     title = (f"ShapeGrid {spec['grid']}x{spec['grid']} '{task}', {spec['min_side']}-{spec['max_side']} px, "
              f"{info['steps']} steps, seeds {info['seeds']}")
@@ -122,8 +132,8 @@ def write_ablate(out: Path, stem: str, records: list[dict], info: dict) -> list[
     """The ablation files for one set and task (see ``llava_uhd.bench.ablate``); returns the per-config summaries."""
     out.mkdir(parents=True, exist_ok=True)
     configs = summaries(records, lambda first: {k: first[k] for k in COST_KEYS})
-    _csv(out / f"{stem}.csv", configs, list(configs[0]))
-    _csv(out / f"{stem}_seeds.csv", records, ["set", *SEED_KEYS, "encoder_gflops"])
+    write_csv(out / f"{stem}.csv", configs, list(configs[0]))
+    write_csv(out / f"{stem}_seeds.csv", records, ["set", *SEED_KEYS, "encoder_gflops"])
     slim = [{k: v for k, v in r.items() if k not in ("settings", "job", "loss_curve")} for r in records]
     (out / f"{stem}.json").write_text(json.dumps({**info, "summary": configs, "runs": slim}, indent=1))
     write_records(out, stem, records)
@@ -132,8 +142,8 @@ def write_ablate(out: Path, stem: str, records: list[dict], info: dict) -> list[
     rows = [[c["set"], c["name"], str(c["pooling"]), str(c["wtc_layers"]), str(c["patch"]), c["input"],
              str(c["image_tokens"]), fmt(c["encoder_gflops"]), str(c["seeds"]),
              mean_pm(c["accuracy_mean"], c["accuracy_std"]), learned_cell(c)] for c in configs]
-    text = _table(header, rows) + ["", *_table(SEED_HEADER, seed_rows(records))]
-    (out / f"{stem}.md").write_text("\n".join(text) + "\n")
+    text = markdown_table(header, rows) + "\n\n" + markdown_table(SEED_HEADER, seed_rows(records))
+    (out / f"{stem}.md").write_text(text + "\n")
     spec = info["data"]
     title = (f"PVC ablations ({info['set']}), ShapeGrid {spec['grid']}x{spec['grid']} '{info['task']}', "
              f"{info['steps']} steps, seeds {info['seeds']}")

@@ -13,6 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava_uhd.bench.report import markdown_table
+
 from .run import read_predictions
 from .scoring import aggregate, score_row
 from .tsv import Benchmark, EvalError
@@ -67,12 +69,6 @@ def score_rows(scores: dict) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_scores(scores: dict, out_dir: str | Path) -> list[Path]:
     """Per-benchmark json / md / csv / png, and the benchmark merged into ``out_dir/scores.json``."""
     out_dir = Path(out_dir)
@@ -84,7 +80,7 @@ def write_scores(scores: dict, out_dir: str | Path) -> list[Path]:
             f"{counts['missing']} without a prediction, {counts['unparseable']} unparseable answers.\n\n")
     paths = [out_dir / f"{name}_scores.{ext}" for ext in ("json", "md", "csv", "png")]
     paths[0].write_text(json.dumps(scores, indent=2, ensure_ascii=False))
-    paths[1].write_text(note + markdown_table(header, rows))
+    paths[1].write_text(note + markdown_table(header, rows, _fmt) + "\n")
     with paths[2].open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     _bar_chart(scores, paths[3])
@@ -147,7 +143,7 @@ def results_table(run_dirs: Sequence[str | Path], out: str | Path | None = None)
             for name, s in zip(names, runs.values())]
     out = Path(out) if out is not None else Path(run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_table(header, rows)
+    text = markdown_table(header, rows, _fmt) + "\n"
     (out / "results.md").write_text(text)
     with (out / "results.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
