@@ -9,11 +9,19 @@ Two sources, nothing fetched from a hub:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 
 def tiny_qwen2_config(
@@ -44,12 +52,21 @@ def tiny_qwen2_config(
     return config
 
 
-def _llm_config(config: dict[str, Any]):
+def llm_config_from(config: dict[str, Any]) -> PretrainedConfig:
+    """The transformers config a config dict (``model_type`` plus that type's fields) describes."""
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise ValueError("an LLM config dict needs a 'model_type' (e.g. 'qwen2')")
     return AutoConfig.for_model(model_type, **config)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_llm_config":  # the name used before it was public; goes in the next release
+        warnings.warn("llava_uhd.llm._llm_config is now llava_uhd.llm.llm_config_from", DeprecationWarning,
+                      stacklevel=2)
+        return llm_config_from
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_llm(
@@ -63,7 +80,7 @@ def load_llm(
     tokens than the model (for example after adding the image and separator tokens).
     """
     if isinstance(path_or_config, dict):
-        model = AutoModelForCausalLM.from_config(_llm_config(path_or_config), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(llm_config_from(path_or_config), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_config), local_files_only=True, dtype=dtype)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:

@@ -15,12 +15,12 @@ Tensor names:
 Every tensor is accounted for: a tensor of no part is reported by name, a missing LLM or projector tensor
 is an error. The tokenizer gets the image and vision tokens the conversation code needs (the release
 marks an image with a placeholder instead); the embeddings are resized only when a new id does not fit in
-the existing rows. Weights are only read with safetensors: a pickled checkpoint is refused.
+the existing rows. Weights are only read with safetensors (through :func:`llava_uhd.vision.weights.read_weights`,
+the one weights reader): a pickled checkpoint is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from llava_uhd.llm import _llm_config, llm_config_dict, load_tokenizer
+from llava_uhd.llm import llm_config_dict, llm_config_from, load_tokenizer
+from llava_uhd.vision.weights import read_json, read_weights, shard_files, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,9 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReleaseError(f"{path}: not a readable JSON config ({err})") from err
-    if not isinstance(config, dict):
-        raise ReleaseError(f"{path}: expected a JSON object")
-    return config
+        return read_json(path)
+    except ValueError as err:
+        raise ReleaseError(str(err)) from err
 
 
 def is_release_folder(folder: str | Path) -> bool:
@@ -94,40 +90,19 @@ def is_release_folder(folder: str | Path) -> bool:
 
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files of a folder: ``model.safetensors``, or the shards its index lists."""
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ReleaseError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ReleaseError(f"{index} lists shards that are not there: {', '.join(missing)}")
-        return files
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    pickled = sorted(p.name for p in folder.glob("*.bin"))
-    hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)"
-    hint = hint if pickled else ""
-    raise ReleaseError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    try:
+        path = weights_path(folder, pickles=False, kind="model")
+        return shard_files(path) if path.name.endswith(".index.json") else [path]
+    except (ValueError, OSError) as err:
+        raise ReleaseError(str(err)) from err
 
 
 def read_state(folder: str | Path, progress: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors files (shards merged); a name in two shards is an error."""
-    state: dict[str, torch.Tensor] = {}
-    files = weight_files(folder)
-    for file in tqdm(files, desc="reading shards", unit="file", disable=not progress):
-        try:
-            part = load_file(str(file))
-        except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise ReleaseError(f"{file}: not a readable safetensors file ({err})") from err
-        twice = state.keys() & part.keys()
-        if twice:
-            raise ReleaseError(f"{file}: tensors also in another shard: {', '.join(sorted(twice)[:5])}")
-        state.update(part)
-    return state
+    try:
+        return read_weights(folder, pickles=False, progress=progress, kind="model")
+    except (ValueError, OSError) as err:
+        raise ReleaseError(str(err)) from err
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, list[str]]:
@@ -199,7 +174,7 @@ def parameters_on_meta() -> Iterator[None]:
 def build_llm(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, list[str]]:
     """Qwen2 LM from its config dict and weights (assigned, keeping their dtype); returns it and unused names."""
     with parameters_on_meta():
-        llm = AutoModelForCausalLM.from_config(_llm_config(config))
+        llm = AutoModelForCausalLM.from_config(llm_config_from(config))
     result = llm.load_state_dict(state, strict=False, assign=True)
     if llm.config.tie_word_embeddings and "lm_head.weight" in result.missing_keys:
         llm.tie_weights()

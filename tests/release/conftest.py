@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from llava_uhd.llm import _llm_config, tiny_qwen2_config
+from llava_uhd.llm import llm_config_from, tiny_qwen2_config
 from llava_uhd.tokenizer import QWEN2_SPECIAL_TOKENS, build_tiny_tokenizer
 
 WIDTH, DEPTH, MLP, PATCH, GRID = 144, 4, 128, 10, 8
@@ -71,7 +71,7 @@ def write_release(out: Path, tokenizer_dir: Path, sharded: bool = True, zero_gat
     rows = vocab_rows or (len(tokenizer) // 64 + 1) * 64  # Qwen2 pads its vocabulary
     llm_dict = tiny_qwen2_config(rows, hidden_size=64, layers=2, heads=4, kv_heads=2, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    llm = AutoModelForCausalLM.from_config(_llm_config(llm_dict))
+    llm = AutoModelForCausalLM.from_config(llm_config_from(llm_dict))
     tensors = {k: v.contiguous() for k, v in llm.state_dict().items()}
     g = torch.Generator().manual_seed(seed + 1)
     tensors.update({"model.mm_projector.proj.0.weight": torch.randn(64, WIDTH, generator=g) * 0.05,

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from llava_uhd.convert import convert_release
 from llava_uhd.convert import main as convert_main
-from llava_uhd.llm import _llm_config
+from llava_uhd.llm import llm_config_from
 from llava_uhd.mllm import LlavaUHD
 from llava_uhd.release import ReleaseError, llm_config, read_state
 from llava_uhd.vision.resize import ReleaseResolutionPolicy, ResolutionPolicy
@@ -72,7 +72,7 @@ def test_the_parts_compute_what_the_release_tensors_say(release_dir, release_mod
                         state[p + "2.bias"])
     torch.testing.assert_close(release_model.projector(x, [(1, 5)]), expected, rtol=0, atol=0)
     config = json.loads((release_dir / "config.json").read_text())
-    reference = AutoModelForCausalLM.from_config(_llm_config(llm_config(config))).eval()
+    reference = AutoModelForCausalLM.from_config(llm_config_from(llm_config(config))).eval()
     reference.load_state_dict({k: v for k, v in state.items() if not k.startswith((ENC, "model.mm_projector."))})
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.no_grad():

@@ -7,15 +7,15 @@ import pytest
 import timm
 import torch
 
-from llava_uhd.vision import vit_uhd
-from llava_uhd.vision.vit_uhd import (
+from llava_uhd.vision import attention, vit_uhd
+from llava_uhd.vision.attention import (
     ATTN_IMPLS,
-    ViTUHDConfig,
     block_diagonal_mask,
     packed_attention,
     resolve_attn_impl,
     varlen_unsupported,
 )
+from llava_uhd.vision.vit_uhd import ViTUHDConfig
 
 SIZES = [(80, 80), (40, 120), (120, 40), (80, 80)]  # mixed lengths, one repeated (batched per-image SDPA)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,8 +94,8 @@ def test_block_diagonal_mask_blocks_images_apart():
 def test_each_kernel_is_what_runs(monkeypatch):
     """The kernel named is the one called: block_diagonal builds the pack-wide mask, sdpa never does."""
     calls = []
-    real = vit_uhd.block_diagonal_mask
-    monkeypatch.setattr(vit_uhd, "block_diagonal_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = attention.block_diagonal_mask
+    monkeypatch.setattr(attention, "block_diagonal_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
     model = tiny().eval()
     with torch.no_grad():
         model.attn_impl = "sdpa"

@@ -174,7 +174,7 @@ def test_rope_tables_are_cached_per_grid_and_level():
     with torch.no_grad():
         model(torch.randn(1, 3, 80, 80))
         model([torch.randn(3, 80, 80), torch.randn(3, 40, 120)])
-    keys = sorted((grid, levels) for grid, levels, _ in model._rope_cache)
+    keys = sorted((grid, levels) for grid, levels, _ in model.rope_tables.cache)
     assert keys == [((1, 3), 0), ((2, 2), 0), ((2, 6), 1), ((4, 4), 1), ((4, 12), 2), ((8, 8), 2)]
 
 

@@ -1,13 +1,14 @@
 """Vision encoders: ViT-UHD (PVC), the global native-resolution baseline, resolution policy.
 
-Importing this package registers the ``vit_uhd_*`` and ``vit_gne_*`` models with timm.
+Importing this package registers the ``vit_uhd_*`` and ``vit_gne_*`` models with timm (:mod:`.registry`).
 :func:`load_encoder` builds the encoder any supported checkpoint (MoonViT / released ViT-UHD folder, timm,
 open_clip or HF SigLIP file) describes.
 """
 
 from .pvc import POOLING_KINDS, WindowedTokenCompression, refine_patch_embed, window_major_order
+from .registry import create_vit_uhd, encoder_name
 from .resize import ResolutionPolicy, preprocess
-from .vit_uhd import EncoderOutput, ViTUHD, ViTUHDConfig, create_vit_uhd, encoder_name
+from .vit_uhd import EncoderOutput, ViTUHD, ViTUHDConfig
 from .weights import LoadReport, encoder_from_state_dict, load_base_weights, load_encoder
 
 __all__ = [

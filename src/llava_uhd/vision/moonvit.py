@@ -29,6 +29,9 @@ _RENAMES = {
 _MERGER_LINEARS = {"attn_layer.0.": "fc1.", "attn_layer.2.": "fc2."}
 DROPPED_MERGER = ("zero_init_fc.",)
 MERGING_METHODS = {"avg_pooling": "avg", "m_pooling": "content_adaptive"}
+MOONVIT_OPTIONS = dict(rope="2d", norm_eps=1e-5, pos_embed_antialias=False, act_layer="gelu_tanh")
+"""ViTUHDConfig fields of Kimi-VL's MoonViT beyond its shape: 2-D RoPE, LayerNorm eps 1e-5, a pos table
+resampled without antialiasing, tanh GELU."""
 
 
 def is_moonvit(state: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> bool:

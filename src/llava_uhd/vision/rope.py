@@ -70,3 +70,33 @@ def rope_table(
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate q or k ``[..., N, head_dim]`` in fp32 and cast back to its dtype."""
     return apply_rot_embed(x.float(), sin, cos, half=False).to(x.dtype)
+
+
+class RopeTables:
+    """One encoder's RoPE tables, cached per (grid, levels to come, device).
+
+    The tables are fixed (no parameters, no gradient), so they are always cached, and built outside inference mode
+    so that a table first made under ``torch.inference_mode`` (validation, generation) can be saved for backward."""
+
+    def __init__(self, head_dim: int, theta: float, levels: int, max_entries: int = 256) -> None:
+        self.head_dim, self.theta, self.levels, self.max_entries = head_dim, theta, levels, max_entries
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, grid: tuple[int, int], levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sin, cos) [h*w, head_dim] for ``grid`` in window-major order with ``levels`` WTC steps to come."""
+        key = (grid, levels, device)
+        table = self.cache.get(key)
+        if table is None:
+            if len(self.cache) > self.max_entries:
+                self.cache.clear()
+            with torch.inference_mode(False):  # a table first built for inference must serve training too
+                table = rope_table(grid[0], grid[1], levels, self.head_dim, self.theta, device=device)
+            self.cache[key] = table
+        return table
+
+    def at(self, grids: list[tuple[int, int]], level: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table of a whole sequence (one patch grid per image, in order) after ``level`` WTC steps."""
+        tables = [self.table((h >> level, w >> level), self.levels - level, device) for h, w in grids]
+        if len(tables) == 1:
+            return tables[0]
+        return torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])

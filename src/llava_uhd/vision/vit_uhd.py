@@ -7,44 +7,40 @@ chosen blocks (4 and 18 of 27 by default), so one output token covers 40x40 pixe
 The model subclasses timm's ``VisionTransformer``, so its parameter names are timm's and a timm SigLIP
 checkpoint loads into it (``pretrained_path=``; see :mod:`llava_uhd.vision.weights`). It accepts a
 same-size batch ``[B, 3, H, W]`` (dense) or a list of differently sized images, encoded *packed*: all
-tokens in one ``[N, C]`` sequence, linear layers over the whole pack, attention per image, no padding and
-no pack-wide mask. Tokens run window-major inside the encoder (see :func:`window_major_order`) and come
-out row-major on each image's final grid.
+tokens in one ``[N, C]`` sequence, linear layers over the whole pack, attention per image
+(:mod:`llava_uhd.vision.attention`), no padding and no pack-wide mask. Tokens run window-major inside the
+encoder (see :func:`window_major_order`) and come out row-major on each image's final grid.
 
 The released ViT-UHD is built on Kimi-VL's MoonViT instead: the same class with ``rope="2d"`` (see
-:mod:`llava_uhd.vision.rope`), LayerNorm eps 1e-5 and a 64x64 pos table resampled without antialiasing
-(the ``*_moonvit`` entries; :func:`llava_uhd.vision.load_encoder` reads its folders).
+:mod:`llava_uhd.vision.rope`), LayerNorm eps 1e-5 and a 64x64 pos table resampled without antialiasing.
+The timm names (``vit_uhd_*``, ``vit_gne_*``) are registered in :mod:`llava_uhd.vision.registry`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import warnings
 from collections import defaultdict
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention, LayerNorm, resample_abs_pos_embed
+from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models import register_model
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llava_uhd.tokens import ImageTokenCounter
+
+from .attention import ATTN_IMPLS, PackedAttention, RopeTable, packed_block
 from .pvc import POOLING_KINDS, WindowedTokenCompression, window_major_order
 from .resize import SIGLIP_MEAN, SIGLIP_STD, ReleaseResolutionPolicy, ResolutionPolicy, make_policy
-from .rope import ROPE_KINDS, apply_rope, rope_table
+from .rope import ROPE_KINDS, RopeTables
 
 POS_EMBED_INITS = ("random", "sincos")
-ATTN_IMPLS = ("auto", "varlen", "sdpa", "block_diagonal")
-"""Packed attention kernels: ``auto`` (varlen where it runs, else sdpa), ``varlen`` (one
-``torch.nn.attention.varlen.varlen_attn`` call over the pack: CUDA, fp16/bf16), ``sdpa`` (per-image SDPA, equal
-lengths batched) and ``block_diagonal`` (one SDPA call with a pack-wide block-diagonal mask: the plain port many
-codebases use; the benchmark baseline and test oracle, quadratic in the pack length)."""
-
 
 @dataclass
 class ViTUHDConfig:
@@ -139,6 +135,21 @@ class ViTUHDConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    def stage_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Token grid entering the first block and after each WTC, for an input of ``height x width`` pixels."""
+        if height % self.reduction or width % self.reduction or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} must be a positive multiple of {self.reduction} "
+                f"(patch {self.patch_size} x 2^{len(self.wtc_layers)} WTC steps); use ResolutionPolicy(multiple="
+                f"{self.reduction})"
+            )
+        h, w = height // self.patch_size, width // self.patch_size
+        grids = [(h, w)]
+        for _ in self.wtc_layers:
+            h, w = h // 2, w // 2
+            grids.append((h, w))
+        return grids
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
@@ -153,166 +164,6 @@ class EncoderOutput:
     @property
     def lengths(self) -> list[int]:
         return [h * w for h, w in self.grids]
-
-
-RopeTable = tuple[torch.Tensor, torch.Tensor]
-"""(sin, cos) [N, head_dim] for the tokens of the current sequence, in their order (see ``rope.py``)."""
-
-
-
-def varlen_unsupported(q: torch.Tensor, dropout_p: float = 0.0) -> str | None:
-    """Why the varlen kernel cannot run on ``q`` [N, heads, head_dim] (None: it can)."""
-    if not q.is_cuda:
-        return f"needs CUDA tensors, got {q.device.type}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"needs float16 or bfloat16, got {str(q.dtype).removeprefix('torch.')}"
-    if q.shape[-1] % 8 or q.shape[-1] > 256:
-        return f"needs head_dim a multiple of 8 up to 256, got {q.shape[-1]}"
-    if dropout_p > 0:
-        return f"has no attention dropout (attn_drop {dropout_p})"
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return f"is not in this torch ({torch.__version__})"
-    return None
-
-
-def resolve_attn_impl(impl: str, q: torch.Tensor, dropout_p: float = 0.0) -> str:
-    """The kernel ``impl`` runs on ``q``: ``auto`` picks varlen on CUDA fp16/bf16, per-image SDPA elsewhere.
-
-    An explicit ``varlen`` where the kernel cannot run is an error rather than a silent fallback, so a benchmark
-    or test that asks for it never measures something else."""
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl: unknown {impl!r}; choose one of {ATTN_IMPLS}")
-    if impl not in ("auto", "varlen"):
-        return impl
-    reason = varlen_unsupported(q, dropout_p)
-    if reason is None:
-        return "varlen"
-    if impl == "varlen":
-        raise ValueError(f"attn_impl='varlen': torch's varlen attention {reason}; use attn_impl='auto' or 'sdpa'")
-    return "sdpa"
-
-
-def _per_image_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], dropout_p: float):
-    """Attention within each image of a [N, heads, hd] pack; images of equal length share one SDPA call."""
-    chunks = list(zip(q.split(lengths), k.split(lengths), v.split(lengths)))
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, length in enumerate(lengths):
-        by_length[length].append(index)
-    out: list[torch.Tensor | None] = [None] * len(lengths)
-    for indices in by_length.values():
-        qg, kg, vg = (torch.stack([chunks[i][j] for i in indices]).transpose(1, 2) for j in range(3))  # b, h, n, hd
-        o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2)  # b, n, h, hd
-        for slot, i in enumerate(indices):
-            out[i] = o[slot]
-    return torch.cat(out, dim=0)
-
-
-def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """One flash-attention varlen call over the pack (cumulative sequence lengths, no padding, no mask)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    cu = cu.to(q.device, non_blocking=True)
-    return varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths))
-
-
-def block_diagonal_mask(lengths: list[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """[N, N] boolean mask, True where query and key belong to the same image of the pack."""
-    image = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    return image[:, None] == image[None, :]
-
-
-def _block_diagonal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], dropout_p: float):
-    """One SDPA call over the whole pack with a block-diagonal mask (the baseline packing port)."""
-    mask = block_diagonal_mask(lengths, q.device)
-    qg, kg, vg = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # 1, h, N, hd
-    return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)[0].transpose(0, 1)
-
-
-def packed_attention(
-    attn: nn.Module, x: torch.Tensor, lengths: list[int], rope: RopeTable | None = None, impl: str = "auto"
-) -> torch.Tensor:
-    """timm ``Attention`` over a packed [N, C] sequence, attending within each image only.
-
-    ``impl`` (see ``ATTN_IMPLS``) chooses the kernel: varlen or per-image SDPA never build a pack-wide mask.
-    ``rope`` (sin, cos) [N, head_dim], one row per token of the pack, rotates q and k after their norms.
-    """
-    n_total = x.shape[0]
-    q, k, v = attn.qkv(x).view(n_total, 3, attn.num_heads, attn.head_dim).unbind(1)  # each N, heads, hd
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        sin, cos = rope[0][:, None], rope[1][:, None]  # N, 1, head_dim: the same turn for every head
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    kind = resolve_attn_impl(impl, q, dropout_p)
-    if kind == "varlen":
-        o = _varlen(q, k, v, lengths)
-    elif kind == "block_diagonal":
-        o = _block_diagonal(q, k, v, lengths, dropout_p)
-    else:
-        o = _per_image_sdpa(q, k, v, lengths, dropout_p)
-    y = attn.norm(o.reshape(n_total, attn.attn_dim))
-    if getattr(attn, "gate", None) is not None:
-        y = y * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(y))
-
-
-_PACKED_LENGTHS: ContextVar[list[int] | None] = ContextVar("packed_lengths", default=None)
-_ROPE: ContextVar[RopeTable | None] = ContextVar("rope_table", default=None)
-_ATTN_IMPL: ContextVar[str] = ContextVar("attn_impl", default="auto")
-
-
-class PackedAttention(Attention):
-    """timm ``Attention`` (same parameters, same checkpoint keys) that attends within each image when the
-    encoder runs a packed [N, C] sequence; a dense [B, N, C] call is timm's own forward unless RoPE is on."""
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        lengths, rope = _PACKED_LENGTHS.get(), _ROPE.get()
-        if lengths is not None:
-            return packed_attention(self, x, lengths, rope, _ATTN_IMPL.get())
-        if rope is None:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._dense_rope(x, rope, attn_mask, is_causal)
-
-    def _dense_rope(
-        self, x: torch.Tensor, rope: RopeTable, attn_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
-        """timm's forward with q and k rotated after their norms (sin/cos [N, head_dim] broadcast over B, heads)."""
-        batch, n, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        sin, cos = rope
-        q = apply_rope(self.q_norm(q), sin, cos)
-        k = apply_rope(self.k_norm(k), sin, cos)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
-        )
-        o = self.norm(o.transpose(1, 2).reshape(batch, n, self.attn_dim))
-        if gate is not None:
-            o = o * gate
-        return self.proj_drop(self.proj(o))
-
-
-def packed_block(
-    block: Block, x: torch.Tensor, lengths: list[int] | None, rope: RopeTable | None = None, impl: str = "auto"
-) -> torch.Tensor:
-    """A timm ``Block`` over a packed sequence (``lengths``) and/or with a RoPE table, called through
-    ``block(...)`` so that module hooks (FSDP2's unshard, activation checkpointing) see it: per-token layers
-    on the whole pack, attention per image (kernel ``impl``, see ``ATTN_IMPLS``). The context is set inside, so a
-    checkpoint's recompute sees it too.
-    (Drop-path, when enabled, would drop per token here; ViT-UHD runs with drop_path_rate 0.)"""
-    token = _PACKED_LENGTHS.set(lengths)
-    rope_token = _ROPE.set(rope)
-    impl_token = _ATTN_IMPL.set(impl)
-    try:
-        return block(x)
-    finally:
-        _ATTN_IMPL.reset(impl_token)
-        _ROPE.reset(rope_token)
-        _PACKED_LENGTHS.reset(token)
 
 
 class ViTUHD(VisionTransformer):
@@ -346,20 +197,12 @@ class ViTUHD(VisionTransformer):
         self.wtc = nn.ModuleDict(
             {str(i): WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for i in cfg.wtc_layers}
         )
-        self.pretrained_cfg = {
-            "input_size": (3, 384, 384),
-            "fixed_input_size": False,
-            "interpolation": "bicubic",
-            "mean": cfg.mean,
-            "std": cfg.std,
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        }
         self._pos_cache: dict[tuple, torch.Tensor] = {}
-        self._rope_cache: dict[tuple, RopeTable] = {}
+        self.rope_tables = RopeTables(cfg.head_dim, cfg.rope_theta, len(cfg.wtc_layers))
+        from .registry import encoder_name  # the registry builds this class: imported here, not at the top
+
         self.registry_name = encoder_name(cfg)
-        """A timm name that, with ``**cfg.to_dict()``, rebuilds this architecture."""
+        """A timm name that, with ``**cfg.to_dict()``, rebuilds this architecture (the builder sets its own)."""
 
     # -- geometry -----------------------------------------------------------------------------------------------
     @property
@@ -384,18 +227,7 @@ class ViTUHD(VisionTransformer):
 
     def stage_grids(self, height: int, width: int) -> list[tuple[int, int]]:
         """Token grid entering the first block and after each WTC, for an input of ``height x width``."""
-        if height % self.reduction or width % self.reduction or height <= 0 or width <= 0:
-            raise ValueError(
-                f"image size {height}x{width} must be a positive multiple of {self.reduction} "
-                f"(patch {self.patch_size} x 2^{len(self.cfg.wtc_layers)} WTC steps); use ResolutionPolicy(multiple="
-                f"{self.reduction})"
-            )
-        h, w = height // self.patch_size, width // self.patch_size
-        grids = [(h, w)]
-        for _ in self.cfg.wtc_layers:
-            h, w = h // 2, w // 2
-            grids.append((h, w))
-        return grids
+        return self.cfg.stage_grids(height, width)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """Final (rows, cols) of output tokens for an input of ``height x width`` pixels."""
@@ -418,10 +250,8 @@ class ViTUHD(VisionTransformer):
         """Resolution policy whose sides are a multiple of the pixels per LLM token (``name``: default | release)."""
         return make_policy(name, self.reduction * projector.merge, min_pixels, max_pixels, max_side)
 
-    def token_counter(self, projector: nn.Module):  # -> ImageTokenCounter (lazy import: mllm imports this module)
+    def token_counter(self, projector: nn.Module) -> ImageTokenCounter:
         """A picklable ``(height, width) -> LLM tokens`` equal to :meth:`num_image_tokens`, for data workers."""
-        from llava_uhd.mllm import ImageTokenCounter
-
         return ImageTokenCounter(self.reduction * projector.merge)
 
     # -- embedding ----------------------------------------------------------------------------------------------
@@ -453,30 +283,8 @@ class ViTUHD(VisionTransformer):
         return pos
 
     def rope_for(self, grid: tuple[int, int], levels: int, device: torch.device) -> RopeTable:
-        """RoPE (sin, cos) [h*w, head_dim] for ``grid`` in window-major order with ``levels`` WTC steps to come.
-
-        Fixed (no parameters, no gradient), so always cached per (grid, levels, device), and built outside
-        inference mode so that a table first made under ``torch.inference_mode`` can be saved for backward."""
-        key = (grid, levels, device)
-        table = self._rope_cache.get(key)
-        if table is None:
-            if len(self._rope_cache) > 256:
-                self._rope_cache.clear()
-            cfg = self.cfg
-            with torch.inference_mode(False):  # a table first built for inference must serve training too
-                table = rope_table(grid[0], grid[1], levels, cfg.head_dim, cfg.rope_theta, device=device)
-            self._rope_cache[key] = table
-        return table
-
-    def _rope_at(self, grids: list[tuple[int, int]], level: int, device: torch.device) -> RopeTable | None:
-        """The RoPE table of the whole sequence at compression ``level`` (0: patch grid), or None when off."""
-        if self.cfg.rope == "none":
-            return None
-        levels = len(self.cfg.wtc_layers) - level
-        tables = [self.rope_for((h >> level, w >> level), levels, device) for h, w in grids]
-        if len(tables) == 1:
-            return tables[0]
-        return torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])
+        """RoPE (sin, cos) [h*w, head_dim] for ``grid`` in window-major order with ``levels`` WTC steps to come."""
+        return self.rope_tables.table(grid, levels, device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Same-size images [B, 3, H, W] -> window-major patch tokens with pos-embed [B, n, C]."""
@@ -496,7 +304,7 @@ class ViTUHD(VisionTransformer):
         """Blocks and WTCs over dense [B, n, C] (``lengths`` None, one patch grid) or a packed pack
         (one patch grid per image)."""
         level = 0
-        rope = self._rope_at(grids, level, x.device)
+        rope = self.rope_tables.at(grids, level, x.device) if self.cfg.rope != "none" else None
         for index, block in enumerate(self.blocks, start=1):
             if lengths is None and rope is None:
                 x = checkpoint(block, x, use_reentrant=False) if self._ckpt() else block(x)
@@ -512,7 +320,7 @@ class ViTUHD(VisionTransformer):
                 x = wtc(x)
                 lengths = None if lengths is None else [n // 4 for n in lengths]
                 level += 1
-                rope = self._rope_at(grids, level, x.device)
+                rope = self.rope_tables.at(grids, level, x.device) if self.cfg.rope != "none" else None
         return self.norm(x), lengths
 
     def _ckpt(self) -> bool:
@@ -557,133 +365,21 @@ class ViTUHD(VisionTransformer):
         return matcher
 
 
-# -- timm registry ----------------------------------------------------------------------------------------------
-SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, pos_embed_grid=27, base_patch_size=14)
-TINY = dict(embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.0, pos_embed_grid=16, base_patch_size=14,
-            pos_embed_init="sincos")
-# Kimi-VL MoonViT: the SO400M shape with 2-D RoPE, LayerNorm eps 1e-5 and a 64x64 pos table resampled
-# without antialiasing.
-MOONVIT_OPTIONS = dict(rope="2d", norm_eps=1e-5, pos_embed_antialias=False, act_layer="gelu_tanh")
-MOONVIT_SO400M = dict(SO400M, mlp_dim=4304, pos_embed_grid=64, **MOONVIT_OPTIONS)
-MOONVIT_TINY = dict(TINY, **MOONVIT_OPTIONS)
-_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes", "global_pool")
+# -- names that moved out of this module (kept importable from here, with a DeprecationWarning, for one release)
+_MOVED = {
+    **dict.fromkeys(("varlen_unsupported", "resolve_attn_impl", "packed_attention", "block_diagonal_mask"),
+                    "llava_uhd.vision.attention"),
+    **dict.fromkeys(("SO400M", "TINY", "MOONVIT_SO400M", "MOONVIT_TINY", "create_vit_uhd", "encoder_name",
+                     "vit_uhd_so400m_patch10_siglip", "vit_gne_so400m_patch14_siglip", "vit_uhd_tiny_patch10_siglip",
+                     "vit_gne_tiny_patch14_siglip", "vit_uhd_so400m_patch10_moonvit", "vit_gne_so400m_patch14_moonvit",
+                     "vit_uhd_tiny_patch10_moonvit", "vit_gne_tiny_patch14_moonvit"), "llava_uhd.vision.registry"),
+    "MOONVIT_OPTIONS": "llava_uhd.vision.moonvit",
+}
 
 
-def encoder_name(cfg: ViTUHDConfig) -> str:
-    """A registered timm name for ``cfg``'s family (ViT-UHD or GNE, SigLIP or MoonViT flavour, size).
-
-    ``timm.create_model(encoder_name(cfg), **cfg.to_dict())`` rebuilds exactly ``cfg``: every field is passed."""
-    family = "uhd" if cfg.wtc_layers else "gne"
-    size = "so400m" if (cfg.embed_dim, cfg.depth) == (1152, 27) else "tiny"
-    patch = 10 if cfg.wtc_layers else 14
-    flavour = "moonvit" if cfg.rope == "2d" else "siglip"
-    return f"vit_{family}_{size}_patch{patch}_{flavour}"
-
-
-def create_vit_uhd(
-    shape: dict[str, Any],
-    pretrained: bool = False,
-    pretrained_path: str | None = None,
-    defaults: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> ViTUHD:
-    """Build a ViTUHD from a shape preset, the model's ``defaults`` and explicit overrides; optionally load
-    weights from a local file or folder (RPE and pos-embed resampling at load).
-
-    A checkpoint that carries WTC modules (a ViT-UHD release folder's ``merger`` keys, our own ``wtc.*``)
-    sets ``wtc_layers`` / ``wtc_pooling`` over ``defaults``; explicit ``kwargs`` win over both."""
-    for key in _TIMM_KWARGS:
-        kwargs.pop(key, None)
-    device = kwargs.pop("device", None)
-    dtype = kwargs.pop("dtype", None)
-    cfg_fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
-    unknown = set(kwargs) - cfg_fields
-    if unknown:
-        raise TypeError(f"unknown ViT-UHD option(s) {sorted(unknown)}; valid: {sorted(cfg_fields)}")
-    if pretrained and not pretrained_path:
-        raise ValueError("pretrained=True needs pretrained_path= (a local file or folder): nothing is fetched")
-    if pretrained_path is not None and not str(pretrained_path).strip():
-        raise ValueError("pretrained_path is empty: give a local weights file or folder, or leave it out")
-    defaults = dict(defaults or {})
-    checkpoint_state = None
-    if pretrained_path:
-        from .weights import checkpoint_wtc, normalise_state, read_checkpoint
-
-        checkpoint_state = normalise_state(*read_checkpoint(pretrained_path), source=pretrained_path)
-        defaults.update(checkpoint_wtc(checkpoint_state))
-    cfg = ViTUHDConfig(**{**shape, **defaults, **kwargs})
-    if device is not None:
-        with torch.device(device):
-            model = ViTUHD(cfg)
-    else:
-        model = ViTUHD(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
-    if checkpoint_state is not None:
-        from .weights import load_state
-
-        load_state(model, checkpoint_state)
-    return model
-
-
-def _registered(name: str, shape: dict[str, Any], defaults: dict[str, Any], pretrained: bool, **kwargs: Any) -> ViTUHD:
-    model = create_vit_uhd(shape, pretrained, defaults=defaults, **kwargs)
-    model.registry_name = name
-    return model
-
-
-@register_model
-def vit_uhd_so400m_patch10_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """ViT-UHD on SigLIP-SO400M/14: RPE 14 -> 10, content-adaptive WTC after blocks 4 and 18 (16x)."""
-    defaults = dict(patch_size=10, wtc_layers=(4, 18), wtc_pooling="content_adaptive")
-    return _registered("vit_uhd_so400m_patch10_siglip", SO400M, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_gne_so400m_patch14_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """Global native-resolution baseline: the same SO400M ViT at patch 14, no WTC (MoonViT-like)."""
-    defaults = dict(patch_size=14, wtc_layers=())
-    return _registered("vit_gne_so400m_patch14_siglip", SO400M, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_uhd_tiny_patch10_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """Tiny ViT-UHD for tests and the demo: width 64, depth 6, 2 heads, WTC after blocks 2 and 4."""
-    defaults = dict(patch_size=10, wtc_layers=(2, 4), wtc_pooling="content_adaptive")
-    return _registered("vit_uhd_tiny_patch10_siglip", TINY, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_gne_tiny_patch14_siglip(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """Tiny global native-resolution baseline: patch 14, no WTC."""
-    defaults = dict(patch_size=14, wtc_layers=())
-    return _registered("vit_gne_tiny_patch14_siglip", TINY, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_uhd_so400m_patch10_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """The released ViT-UHD: Kimi-VL MoonViT-SO400M (2-D RoPE) with RPE 14 -> 10 and content-adaptive WTC
-    after blocks 4 and 18 (1-based). ``pretrained_path`` takes a MoonViT or release folder (or file)."""
-    defaults = dict(patch_size=10, wtc_layers=(4, 18), wtc_pooling="content_adaptive")
-    return _registered("vit_uhd_so400m_patch10_moonvit", MOONVIT_SO400M, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_gne_so400m_patch14_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """MoonViT-SO400M itself at patch 14, no WTC: the GNE baseline as the paper ran it."""
-    defaults = dict(patch_size=14, wtc_layers=())
-    return _registered("vit_gne_so400m_patch14_moonvit", MOONVIT_SO400M, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_uhd_tiny_patch10_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """Tiny MoonViT-flavoured ViT-UHD for tests: width 64, depth 6, 2 heads (head_dim 32), WTC after 2 and 4."""
-    defaults = dict(patch_size=10, wtc_layers=(2, 4), wtc_pooling="content_adaptive")
-    return _registered("vit_uhd_tiny_patch10_moonvit", MOONVIT_TINY, defaults, pretrained, **kwargs)
-
-
-@register_model
-def vit_gne_tiny_patch14_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
-    """Tiny MoonViT-flavoured GNE baseline for tests: patch 14, no WTC."""
-    defaults = dict(patch_size=14, wtc_layers=())
-    return _registered("vit_gne_tiny_patch14_moonvit", MOONVIT_TINY, defaults, pretrained, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"llava_uhd.vision.vit_uhd.{name} moved to {_MOVED[name]}.{name}; the old import goes in the next "
+                  "release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
