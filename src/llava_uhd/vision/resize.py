@@ -166,7 +166,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return TF.pil_to_tensor(image)
 
 
 def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -180,10 +180,8 @@ def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
-    """uint8 pixels [3, H, W] -> float32 ``(x / 255 - mean) / std`` per channel, in one buffer."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(3, 1, 1)
-    return pixels.to(torch.float32).mul_(scale).add_(shift)
+    """uint8 pixels [..., 3, H, W] -> float32 ``(x / 255 - mean) / std`` per channel, in one buffer."""
+    return TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), list(mean), list(std), inplace=True)
 
 
 EXIF_ORIENTATION = 0x0112
