@@ -233,3 +233,14 @@ def test_damaged_release_folders_give_one_clear_error(tmp_path, tokenizer_dir):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ReleaseError, match="not a readable JSON config"):
         LlavaUHD.from_pretrained(folder)
+
+
+def test_llm_config_helper_is_public_and_its_old_name_warns():
+    import llava_uhd.llm as llm
+
+    with pytest.warns(DeprecationWarning, match="_llm_config is now llava_uhd.llm.llm_config_from"):
+        old = llm._llm_config
+    assert old is llm_config_from
+    assert llm_config_from({"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4}).hidden_size == 32
+    with pytest.raises(ValueError, match="needs a 'model_type'"):
+        llm_config_from({"hidden_size": 32})

@@ -1,5 +1,6 @@
 """Loading base ViT weights: timm / open_clip / Hugging Face layouts, RPE at load, clear errors."""
 
+import json
 import logging
 
 import pytest
@@ -104,3 +105,40 @@ def test_unknown_format_and_missing_file(tmp_path):
     bad.write_bytes(b"x")
     with pytest.raises(ValueError, match="unsupported weights format"):
         read_state_dict(bad)
+
+
+def test_one_reader_for_shards_checks_every_tensor_once(tmp_path):
+    from llava_uhd.release import ReleaseError, read_state
+    from llava_uhd.vision.weights import read_weights
+
+    a, b = {"x": torch.ones(2)}, {"y": torch.zeros(3)}
+    save_file(a, str(tmp_path / "part-1.safetensors"))
+    save_file(b, str(tmp_path / "part-2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "part-1.safetensors", "y": "part-2.safetensors"}}))
+    for state in (read_weights(tmp_path), read_weights(index), read_state(tmp_path)):
+        assert sorted(state) == ["x", "y"] and torch.equal(state["y"], b["y"])
+    index.write_text(json.dumps({"weight_map": {"x": "part-1.safetensors", "y": "part-2.safetensors",
+                                                "z": "part-2.safetensors"}}))
+    with pytest.raises(ValueError, match="tensors listed but not in their shards: z"):
+        read_weights(tmp_path)
+    save_file({"x": torch.ones(2), "y": torch.ones(3)}, str(tmp_path / "part-2.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"x": "part-1.safetensors", "y": "part-2.safetensors"}}))
+    with pytest.raises(ReleaseError, match=r"part-2.safetensors: tensors also in another shard: x"):
+        read_state(tmp_path)
+    index.write_text("{oops")
+    with pytest.raises(ReleaseError, match=r"cannot read .*index.json: not a readable JSON index"):
+        read_state(tmp_path)
+
+
+def test_pickles_are_read_weights_only_or_refused_where_only_safetensors_are_allowed(tmp_path, reference):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"model": {"module": {k: v.contiguous() for k, v in reference.state_dict().items()}}}, path)
+    state = read_state_dict(path)  # wrappers (Lightning / DDP style) unwrapped
+    assert torch.equal(state["pos_embed"], reference.pos_embed)
+    with pytest.raises(ValueError, match="pytorch_model.bin: pickled weights are never loaded"):
+        read_state_dict(path, pickles=False)
+    from llava_uhd.release import ReleaseError, read_state
+
+    with pytest.raises(ReleaseError, match="no model weights in folder .*pickled weights are never loaded"):
+        read_state(tmp_path)
