@@ -57,3 +57,11 @@ def test_cli_prints_a_table(capsys):
     assert "| encoder | 512^2 | 768x1024 |" in out
     assert "169 (560x560)" not in out and "49 (560x560)" in out
     assert len([line for line in out.splitlines() if line.startswith("| ")]) == 2 + 4  # header, rule, 4 rows
+
+
+@pytest.mark.parametrize("bad", ["0", "768x0", "abc", "1x2x3", "12.5"])
+def test_cli_rejects_a_bad_resolution_in_one_message(capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        main(["tokens", "--resolutions", bad])
+    assert info.value.code == 2
+    assert f"bad resolution {bad!r}" in capsys.readouterr().err

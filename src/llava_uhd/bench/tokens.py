@@ -77,13 +77,15 @@ def format_table(rows: list[TokenCount]) -> str:
 
 
 def _resolution(text: str) -> tuple[int, int]:
-    """``1024`` (square) or ``768x1024`` (height x width)."""
+    """``1024`` (square) or ``768x1024`` (height x width), positive sides."""
     parts = text.lower().split("x")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise argparse.ArgumentTypeError(f"bad resolution {text!r}: use 1024 or 768x1024")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) <= 0:
+        raise argparse.ArgumentTypeError(f"bad resolution {text!r}: use positive sides, 1024 or 768x1024")
+    return (sides[0], sides[-1])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
