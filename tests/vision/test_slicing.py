@@ -42,12 +42,12 @@ def sbe():
 
 def test_views_are_thumbnail_then_slices(sbe):
     image = torch.randn(3, 56, 84)
-    views, layout = sbe._views(image)
+    views, layout = sbe.views(image)
     assert layout == (2, 3) and views.shape == (7, 3, 28, 28)
     for k in range(6):
         r, c = divmod(k, 3)
         torch.testing.assert_close(views[1 + k], image[:, r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28])
-    single, layout = sbe._views(torch.randn(3, 28, 28))
+    single, layout = sbe.views(torch.randn(3, 28, 28))
     assert layout == (1, 1) and single.shape == (1, 3, 28, 28)
 
 
@@ -56,7 +56,7 @@ def test_forward_encodes_every_view_independently(sbe):
     out = sbe(images)
     assert out.layouts == [(2, 3), (1, 1)]
     assert out.tokens.shape == (8, 4, sbe.embed_dim) and out.grids == [(2, 2)] * 8
-    alone = sbe.base(sbe._views(images[1])[0]).tokens
+    alone = sbe.base(sbe.views(images[1])[0]).tokens
     torch.testing.assert_close(out.tokens[-1:], alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="slices"):
         sbe([torch.randn(3, 30, 28)])

@@ -138,7 +138,9 @@ class SliceEncoder(nn.Module):
         gh, gw = projector.output_grid(*self.view_grid)
         return ImageTokenCounter(self.reduction * projector.merge, self.slice_size, gh * gw)
 
-    def _views(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def views(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One preprocessed [3, H, W] image -> its views [V, 3, S, S] (thumbnail first, then slices row-major;
+        a 1x1 grid: the image alone) and its (rows, cols) slice grid."""
         channels, height, width = image.shape
         rows, cols = self.layout(height, width)
         s = self.slice_size
@@ -149,7 +151,7 @@ class SliceEncoder(nn.Module):
         return torch.cat([thumbnail.to(image.dtype), slices]), (rows, cols)
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> SlicedOutput:
-        views, layouts = zip(*(self._views(image) for image in x))
+        views, layouts = zip(*(self.views(image) for image in x))
         out = self.base(torch.cat(views))
         return SlicedOutput(tokens=out.tokens, grids=list(out.grids), layouts=list(layouts))
 
