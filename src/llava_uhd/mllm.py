@@ -41,7 +41,7 @@ from llava_uhd import generation
 from llava_uhd.generation import GenerationResult
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
-from llava_uhd.tokens import ImageTokenCounter
+from llava_uhd.tokens import ImageTokenCounter, TokenCountingEncoder
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
 from llava_uhd.vision.resize import POLICIES, ReleaseResolutionPolicy, ResolutionPolicy, normalize, preprocess
 
@@ -103,14 +103,14 @@ def is_sliced(encoder: nn.Module) -> bool:
     return isinstance(encoder, slicing.SliceEncoder)
 
 
-def count_image_tokens(encoder: nn.Module, projector: nn.Module, height: int, width: int) -> int:
+def count_image_tokens(encoder: TokenCountingEncoder, projector: nn.Module, height: int, width: int) -> int:
     """Deprecated: ``encoder.num_image_tokens(height, width, projector)`` (the interface in llava_uhd.tokens)."""
     _warn_deprecated("count_image_tokens", "encoder.num_image_tokens")
     return encoder.num_image_tokens(height, width, projector)
 
 
 def resolution_policy(
-    encoder: nn.Module, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
+    encoder: TokenCountingEncoder, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
     max_side: int = 5120, name: str = "default",
 ) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
     """Deprecated: ``encoder.policy(projector, min_pixels, max_pixels, max_side, name)``."""
@@ -124,7 +124,10 @@ def _warn_deprecated(old: str, new: str) -> None:
 
 
 class LlavaUHD(nn.Module):
-    """Vision encoder + projector + causal LM. Parts not handed in are built from ``config``."""
+    """Vision encoder + projector + causal LM. Parts not handed in are built from ``config``.
+
+    The encoder counts and sizes images for the model (:class:`~llava_uhd.tokens.TokenCountingEncoder`).
+    """
 
     def __init__(
         self,
@@ -265,7 +268,7 @@ class LlavaUHD(nn.Module):
     @torch.no_grad()  # not inference_mode: tensors the encoder caches here (index orders, RoPE tables) are reused
     def generate(     # by later training steps, and inference tensors cannot be saved for backward
         self,
-        images: Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None,
+        images: generation.Images,
         prompt: str | list[dict],
         max_new_tokens: int = 64,
         num_beams: int = 1,
