@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import tempfile
 import time
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from datamodules.datamodule import UHDDataModule
 from datamodules.shards import ShardSetWriter
+from llava_uhd.profiling import median_ms
 from llava_uhd.tokenizer import build_tiny_tokenizer
 
 
@@ -35,7 +37,7 @@ def _photo(rng: np.random.Generator, size: int) -> bytes:
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
     draw = ImageDraw.Draw(image)
     for _ in range(60):
-        (x, y), r = rng.integers(0, size, 2), int(rng.integers(20, size // 5))
+        (x, y), r = rng.integers(0, size, 2), int(rng.integers(min(20, size // 10), size // 5))  # 20..size/5
         draw.ellipse([x, y, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
     noise = rng.integers(-12, 12, (size, size, 3), dtype=np.int16)
     pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
@@ -70,15 +72,9 @@ def run(shards: str, tokenizer_dir: str, num_workers: int, epochs: int = 2) -> t
 
 
 def _save(checkpoint: dict, path: str, repeats: int = 5) -> tuple[int, float]:
-    """File size and median wall time of ``torch.save``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.save(checkpoint, path)
-        times.append(time.perf_counter() - start)
-    with open(path, "rb") as f:
-        size = len(f.read())
-    return size, sorted(times)[len(times) // 2]
+    """File size and median wall time (s) of ``torch.save``."""
+    seconds = median_ms(lambda: torch.save(checkpoint, path), repeats=repeats, warmup=0) / 1e3
+    return os.path.getsize(path), seconds
 
 
 def stream_state_cost(shards: str, tokenizer_dir: str, tmp: str, num_workers: int = 0) -> dict:

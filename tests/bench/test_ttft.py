@@ -112,3 +112,12 @@ def test_ttft_bad_settings_are_one_message(args, message, tmp_path):
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit, match=message):
         main(["ttft", *args, "--out", str(tmp_path)])
+
+
+def test_ttft_out_that_cannot_be_made_stops_before_any_counting(tmp_path, monkeypatch):
+    from llava_uhd.bench import ttft
+
+    monkeypatch.setattr(ttft, "count_rows", lambda *a, **k: pytest.fail("counted before checking --out"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*cannot create the results folder"):
+        main(["ttft", "--shape", "tiny", "--out", str(tmp_path / "file" / "sub")])

@@ -332,6 +332,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats and --warmup must be >= 1 for a timed shape")
     if args.compile and not timed:
         raise SystemExit("error: --compile needs a timed run (--shape tiny / base, or --device cuda)")
+    try:  # before minutes of counting and timing: a results folder that cannot be made is one message now
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: --out {args.out}: cannot create the results folder ({err.strerror})") from None
     tokenizer = tiny_tokenizer()
     text_tokens = text_token_count(tokenizer)
     for fam in FAMILIES if family == "both" else (family,):

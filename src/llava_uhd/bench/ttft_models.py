@@ -16,8 +16,9 @@ from torch import nn
 from llava_uhd.llm import load_llm, tiny_qwen2_config
 from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig
 from llava_uhd.projector import build_projector
+from llava_uhd.vision.moonvit import MOONVIT_OPTIONS
+from llava_uhd.vision.registry import create_vit_uhd
 from llava_uhd.vision.slicing import SliceEncoder
-from llava_uhd.vision.vit_uhd import MOONVIT_OPTIONS, create_vit_uhd
 
 SHAPES = ("so400m-qwen2-7b", "tiny", "base")
 
