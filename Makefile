@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) -m llava_uhd.vision.bench
+	$(PY) -m llava_uhd.bench roofline
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
