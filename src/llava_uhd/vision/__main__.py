@@ -7,6 +7,7 @@ import json
 
 import timm
 
+from ..profiling import pick_device
 from . import vit_uhd  # noqa: F401  (registers the models)
 from .report import encoder_report
 
@@ -23,6 +24,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--patch-size", type=int, default=None, help="override the RPE patch size")
     parser.add_argument("--pretrained-path", default=None, help="local base ViT weights to load")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        pick_device(args.device)  # a typo or a CUDA request without a GPU: one message, not a traceback
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
     if args.model not in timm.list_models("vit_uhd_*") + timm.list_models("vit_gne_*"):
         parser.error(
             f"unknown model {args.model!r}; choose from {timm.list_models('vit_uhd_*') + timm.list_models('vit_gne_*')}"
