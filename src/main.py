@@ -129,18 +129,13 @@ def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = 
     )
 
 
-CONFIG_KEYS = ("model.", "data.", "trainer.", "ckpt_path")
-
-
 def config_error(err: BaseException) -> str | None:
-    """The message of a settings error (a :class:`SettingsError`, Lightning's ``MisconfigurationException``, or
-    an older error whose message starts with the key), wherever it sits in the exception chain."""
+    """The message of a settings error (a :class:`SettingsError` or Lightning's ``MisconfigurationException``),
+    wherever it sits in the exception chain; None for anything else (a bug keeps its traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     while err is not None:
         if isinstance(err, SettingsError | MisconfigurationException):
-            return str(err)
-        if isinstance(err, ValueError | FileNotFoundError) and str(err).startswith(CONFIG_KEYS):
             return str(err)
         err = err.__cause__ or err.__context__
     return None

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datamodules import write_synthetic
+from llava_uhd.errors import SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -113,7 +114,7 @@ def test_the_entry_script_runs_as_a_command():
 def test_config_error_is_found_in_an_exception_chain():
     try:
         try:
-            raise ValueError("model.wtc_layers: block 9 is past the last block")
+            raise SettingsError("model.wtc_layers: block 9 is past the last block")
         except ValueError as inner:
             raise ValueError("Does not validate against any of the Union subtypes") from inner
     except ValueError as outer:

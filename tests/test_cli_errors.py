@@ -164,13 +164,13 @@ def test_init_from_does_not_report_tied_embeddings_as_left_at_init(tmp_path, cap
     assert source.model.llm.config.tie_word_embeddings
     source.model.save_pretrained(tmp_path / "export")
     weights = next((tmp_path / "export").glob("*.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="llava_uhd.stages"):
+    with caplog.at_level(logging.WARNING, logger="llava_uhd.build"):
         SFT(**kwargs, init_from=str(tmp_path / "export"))
     assert "left at init" not in caplog.text
     state = load_file(str(weights))  # a tensor that really is missing is still reported
     save_file({k: v for k, v in state.items() if not k.startswith("projector.")}, str(weights))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llava_uhd.stages"):
+    with caplog.at_level(logging.WARNING, logger="llava_uhd.build"):
         SFT(**kwargs, init_from=str(tmp_path / "export"))
     assert "left at init projector." in caplog.text and "embed_tokens" not in caplog.text
 

@@ -1,9 +1,12 @@
-"""Stage module wiring that the callback and CLI tests do not cover: parts, the data module's binding."""
+"""Stage module wiring that the callback and CLI tests do not cover: parts, the data module's binding, reading
+``init_from`` weights, and the names that moved to ``llava_uhd.build``."""
 
 import pytest
 import torch
 
 from datamodules import UHDDataModule, write_synthetic
+from llava_uhd.build import read_weights
+from llava_uhd.errors import MissingFileError, SettingsError
 from llava_uhd.stages import PARTS, SFT, part_of
 
 
@@ -43,3 +46,34 @@ def test_bound_data_module_expands_images_to_what_the_model_emits(shards, encode
         assert pads == sum(module.model.num_image_tokens(h, w) for h, w in sizes)
         loss = module.model(**batch).loss
         assert torch.isfinite(loss)
+
+
+def test_init_from_weights_are_read_without_unpickling_and_bad_files_are_named(tmp_path):
+    weight = torch.ones(2, 2)
+    ckpt = tmp_path / "run.ckpt"  # a Lightning checkpoint: the module's model.* tensors, the teacher's left out
+    torch.save({"state_dict": {"model.encoder.w": weight, "teacher.w": weight}, "epoch": 0}, ckpt)
+    assert list(read_weights(ckpt)) == ["encoder.w"]
+    torch.save(weight, tmp_path / "tensor.pt")
+    with pytest.raises(SettingsError, match=r"model.init_from: .*tensor.pt holds a Tensor, not a checkpoint"):
+        read_weights(tmp_path / "tensor.pt")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        read_weights(tmp_path / "folder")
+    with pytest.raises(MissingFileError, match="model.init_from: no checkpoint at"):
+        read_weights(tmp_path / "missing.ckpt")
+
+
+def test_names_that_moved_keep_working_with_a_deprecation_warning(shards):
+    import llava_uhd.build as build
+    import llava_uhd.stages as stages
+
+    with pytest.warns(DeprecationWarning, match="llava_uhd.stages.read_weights moved to llava_uhd.build"):
+        assert stages.read_weights is build.read_weights
+    with pytest.raises(AttributeError):
+        stages.no_such_name  # noqa: B018
+    module = SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32}, tokenizer=str(shards / "tok"))
+    gate = module.model.encoder.wtc["2"].fc2.weight
+    gate.data.fill_(1.0)
+    with pytest.warns(DeprecationWarning, match="UHDModule.reinit_wtc_gates"):
+        assert module.reinit_wtc_gates() == ["encoder.wtc.2", "encoder.wtc.4"]
+    assert not gate.any()  # the method still does its job

@@ -5,14 +5,28 @@ each image with the model's policy, encodes all images in one packed encoder cal
 visual tokens into its own prompt embeddings, left-pads the rows and runs one ``transformers`` generate
 with an attention mask (greedy or beam search, KV cache). One row per batch goes through
 ``LlavaUHD.generate`` itself, so ``--batch-size 1`` answers exactly as the model's own method does.
+
+During training, validate and test score generated answers too: :func:`answer_samples` answers each sample of
+a data-pipeline batch, and :class:`GenerationScores` keeps the split's :class:`~llava_uhd.metrics.VQAMetrics`
+and, for a benchmark-TSV loader, its :class:`~llava_uhd.metrics.BenchmarkScores`, then logs them and the
+per-cell accuracy figures at the epoch's end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from torch import nn
+
+from ..metrics import BenchmarkScores, VQAMetrics, plot_cell_accuracy
+
+if TYPE_CHECKING:
+    import lightning as L
+
+SPLITS = ("val", "test")
 
 
 @torch.inference_mode()
@@ -52,3 +66,85 @@ def generate_batch(
             ids = ids[: ids.index(eos)]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
+
+
+def images_per_sample(batch: dict) -> list[list[torch.Tensor]]:
+    """The preprocessed images of each sample of a data-pipeline batch (``images_per_sample`` counts)."""
+    pixels = batch.get("pixel_values")
+    images = [] if pixels is None or len(pixels) == 0 or pixels[0].numel() == 0 else list(pixels)
+    out, start = [], 0
+    for n in batch.get("images_per_sample", [0] * len(batch.get("meta", []))):
+        out.append(images[start : start + n])
+        start += n
+    return out
+
+
+def answer_samples(model, batch: dict, max_new_tokens: int, num_beams: int) -> list[dict[str, Any]]:
+    """One record per sample of a batch (``predict_step``'s output): the prompt is the conversation up to its
+    first reply; the answer comes from ``LlavaUHD.generate`` with its timings."""
+    from ..conversation import normalize_turns
+
+    records = []
+    images = images_per_sample(batch)
+    keys = batch.get("keys") or [None] * len(images)
+    for key, meta, sample_images in zip(keys, batch.get("meta", []), images):
+        question = meta.get("question") or meta.get("prompt") or ""
+        if not question and meta.get("conversations"):
+            question = normalize_turns(meta["conversations"])[0]["content"]
+        result = model.generate(sample_images, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        records.append({
+            "key": key, "task": meta.get("task"), "prompt": question, "answer": result.text,
+            "reference": meta.get("answer"), "encoder_ms": result.encoder_ms, "prefill_ms": result.prefill_ms,
+            "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
+        })
+    return records
+
+
+class GenerationScores(nn.Module):
+    """Validate / test scores of generated answers: VQA metrics per split (questions with an ``answer``) and
+    benchmark scores for rows of a benchmark TSV (``datamodules.tsv``), scored as ``python -m llava_uhd.eval
+    score`` scores them. The benchmark metric is made on the split's first benchmark row, from its loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vqa = nn.ModuleDict({split: VQAMetrics() for split in SPLITS})
+        self.benchmark = nn.ModuleDict()
+
+    def update(self, split: str, records: Sequence[dict], metas: Sequence[dict], loader: Any = None) -> None:
+        """Score one batch's answers (``records`` from :func:`answer_samples`) against its ``meta``."""
+        scored = [(r["answer"], m) for r, m in zip(records, metas) if m.get("answer") is not None]
+        if scored:
+            self.vqa[split].update([p for p, _ in scored], [m for _, m in scored])
+        rows = [(r["answer"], m["index"]) for r, m in zip(records, metas) if m.get("benchmark")]
+        if rows:
+            self.benchmark_metric(split, loader).update([p for p, _ in rows], [i for _, i in rows])
+
+    def benchmark_metric(self, split: str, loader: Any = None) -> BenchmarkScores:
+        """The split's ``BenchmarkScores``, made on first use over the benchmark its loader reads."""
+        if split not in self.benchmark:
+            benchmark = getattr(getattr(loader, "dataset", None), "benchmark", None)
+            if benchmark is None:
+                raise ValueError(f"{split} batch rows name a benchmark, but the {split} loader reads no benchmark TSV")
+            self.benchmark[split] = BenchmarkScores(benchmark).to(self.vqa[split].device)
+        return self.benchmark[split]
+
+    def log_epoch(self, module: L.LightningModule, split: str) -> None:
+        """Log the split's scores through ``module`` (``<split>/<benchmark>/<metric>``, ``<split>/<metric>``),
+        draw each grid task's per-cell accuracy into the logger (rank 0), then reset."""
+        scores = self.benchmark[split] if split in self.benchmark else None
+        if scores is not None and scores.update_called:
+            values = scores.compute()
+            module.log_dict({f"{split}/{scores.benchmark.name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            scores.reset()
+        metric = self.vqa[split]
+        if not metric.update_called:
+            return
+        values = metric.compute()
+        module.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False)
+        experiment = getattr(module.logger, "experiment", None)
+        for task in metric.cell_tasks():
+            cells = metric.cell_accuracy(task)
+            if module.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+                figure = plot_cell_accuracy(cells, f"{split} {task}: accuracy per grid cell")
+                experiment.add_figure(f"{split}/cell_accuracy/{task}", figure, module.global_step)
+        metric.reset()
