@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .hf_siglip import from_hf_siglip, is_hf_siglip
 from .moonvit import MOONVIT_OPTIONS, from_moonvit, is_moonvit, moonvit_wtc_from_config
 from .pvc import refine_patch_embed
+from .vit_uhd import ViTUHDConfig
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +348,6 @@ def _config_value(config: dict[str, Any], *names: str) -> Any:
 def architecture_from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     """ViTUHDConfig fields read off the tensors (width, depth, MLP, patch, pos table, WTC) and the config
     (heads; MoonViT options for that layout). A field the checkpoint cannot tell is left out."""
-    from .vit_uhd import ViTUHDConfig
-
     state, config, src = ckpt.state, ckpt.config or {}, ckpt.source
     fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
     if {"embed_dim", "depth", "num_heads"} <= set(config):  # our own saved encoder config
@@ -395,7 +394,6 @@ def architecture_from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
 
 def _build_encoder(ckpt: Checkpoint, overrides: dict[str, Any]) -> torch.nn.Module:
     from .registry import build_vit_uhd  # the registry reads checkpoints through this module
-    from .vit_uhd import ViTUHDConfig
 
     fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
     unknown = sorted(set(overrides) - fields)
