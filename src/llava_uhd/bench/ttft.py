@@ -111,7 +111,6 @@ class Row:
         self.ttft_flops = self.encoder_flops + self.projector_flops + self.prefill_flops
 
 
-
 def text_token_count(tokenizer) -> int:
     """Prompt positions besides the visual tokens: ChatML system + user turn + assistant header."""
     from llava_uhd.conversation import build_prompt
@@ -298,7 +297,6 @@ def ratios(rows: list[Row]) -> list[dict]:
     return out
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=SHAPES, default="so400m-qwen2-7b",
                         help="so400m-qwen2-7b: FLOPs only (meta device), TTFT modeled; tiny, base: timed")
@@ -317,7 +315,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ttft"))
 
 
-
 def run(args: argparse.Namespace) -> int:
     """Count, time (where the shape is timed), write and print one table per ViT family (and compile mode)."""
     try:
@@ -329,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     family = args.family or ("both" if device.type == "cuda" else "siglip")
     timed = args.shape != "so400m-qwen2-7b" or device.type == "cuda"
     if timed and (args.repeats < 1 or args.warmup < 1):
-        raise SystemExit("--repeats and --warmup must be >= 1 for a timed shape")
+        raise SystemExit("error: --repeats and --warmup must be >= 1 for a timed shape")
     if args.compile and not timed:
         raise SystemExit("error: --compile needs a timed run (--shape tiny / base, or --device cuda)")
     try:  # before minutes of counting and timing: a results folder that cannot be made is one message now
