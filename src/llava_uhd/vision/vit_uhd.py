@@ -303,8 +303,8 @@ class ViTUHD(VisionTransformer):
     ) -> tuple[torch.Tensor, list[int] | None]:
         """Blocks and WTCs over dense [B, n, C] (``lengths`` None, one patch grid) or a packed pack
         (one patch grid per image)."""
-        level = 0
-        rope = self.rope_tables.at(grids, level, x.device) if self.cfg.rope != "none" else None
+        level, rope_on = 0, self.cfg.rope != "none"
+        rope = self.rope_tables.at(grids, level, x.device) if rope_on else None
         for index, block in enumerate(self.blocks, start=1):
             if lengths is None and rope is None:
                 x = checkpoint(block, x, use_reentrant=False) if self._ckpt() else block(x)
@@ -320,7 +320,7 @@ class ViTUHD(VisionTransformer):
                 x = wtc(x)
                 lengths = None if lengths is None else [n // 4 for n in lengths]
                 level += 1
-                rope = self.rope_tables.at(grids, level, x.device) if self.cfg.rope != "none" else None
+                rope = self.rope_tables.at(grids, level, x.device) if rope_on else None
         return self.norm(x), lengths
 
     def _ckpt(self) -> bool:
