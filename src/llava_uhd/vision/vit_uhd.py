@@ -42,6 +42,7 @@ from .rope import ROPE_KINDS, RopeTables
 
 POS_EMBED_INITS = ("random", "sincos")
 
+
 @dataclass
 class ViTUHDConfig:
     """Architecture of a ViT-UHD (or, with no WTC and the base patch, the GNE baseline)."""
