@@ -193,7 +193,7 @@ class UHDDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None and self.hparams.tokenizer_path is None:
-            raise ValueError("data.tokenizer_path: give a tokenizer directory (or train with a LlavaUHD model)")
+            raise SettingsError("data.tokenizer_path: give a tokenizer directory (or train with a LlavaUHD model)")
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
