@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 jobs = make_jobs(args, names, ablation_configs, data, Path(args.runs) / task,
                                  labels=lambda name, s=set_name: {"set": s}, flops=True)
                 records = run_jobs(jobs, args.reuse, args.jobs)
-                info = {"command": "python -m llava_uhd.bench " + " ".join(sys.argv[1:]), "set": set_name,
+                info = {"command": args.command_line, "set": set_name,
                         "task": task, "steps": args.steps, "seeds": list(data), "jobs": args.jobs,
                         "threads": args.threads, "data": asdict(spec), "chance": chance(spec),
                         "total_s": round(time.perf_counter() - started, 1)}

@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
             jobs = make_jobs(args, list(args.encoders), pilot_configs, data, Path(args.runs) / task)
             records = run_jobs(jobs, args.reuse, args.jobs)
             spec = next(iter(data.values()))[0]
-            info = {"command": "python -m llava_uhd.bench " + " ".join(sys.argv[1:]), "task": task,
+            info = {"command": args.command_line, "task": task,
                     "steps": args.steps, "seeds": list(data), "jobs": args.jobs, "threads": args.threads,
                     "data": asdict(spec), "chance": chance(spec), "total_s": round(time.perf_counter() - started, 1)}
             write_pilot(Path(args.out), f"pilot_{task}", records, cut_mask(spec), info, LABELS)
