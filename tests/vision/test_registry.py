@@ -48,7 +48,6 @@ def test_checkpoint_filter_under_timms_load_checkpoint_equals_pretrained_path(tm
 
 @pytest.mark.parametrize(("name", "home"), [
     ("create_vit_uhd", "llava_uhd.vision.registry"),
-    ("encoder_name", "llava_uhd.vision.registry"),
     ("TINY", "llava_uhd.vision.registry"),
     ("vit_uhd_tiny_patch10_siglip", "llava_uhd.vision.registry"),
     ("packed_attention", "llava_uhd.vision.attention"),
@@ -61,3 +60,14 @@ def test_moved_names_still_import_from_vit_uhd_with_a_deprecation_warning(name, 
     assert old is getattr(importlib.import_module(home), name)
     with pytest.raises(AttributeError, match="no attribute 'create_vit_uhdd'"):
         vit_uhd.create_vit_uhdd  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["load_encoder", "encoder_from_state_dict", "architecture_from_checkpoint"])
+def test_encoder_builders_still_import_from_weights_with_a_deprecation_warning(name):
+    from llava_uhd.vision import registry, weights
+
+    with pytest.warns(DeprecationWarning, match=f"weights.{name} moved to llava_uhd.vision.registry.{name}"):
+        old = getattr(weights, name)
+    assert old is getattr(registry, name)
+    with pytest.raises(AttributeError, match="no attribute 'load_encoderr'"):
+        weights.load_encoderr  # noqa: B018

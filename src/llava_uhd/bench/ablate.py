@@ -35,8 +35,6 @@ from llava_uhd.bench.pilot import (
     add_shared_arguments,
     chance,
     check,
-    image_tokens,
-    input_size,
     make_jobs,
     pilot_configs,
     positive,
@@ -44,7 +42,6 @@ from llava_uhd.bench.pilot import (
     run_jobs,
 )
 from llava_uhd.bench.runs import RunError
-from llava_uhd.vision.report import encoder_flops
 
 SETS: dict[str, tuple[str, ...]] = {
     "pooling": ("pooling_avg", "pooling_content_adaptive", "pooling_pixel_unshuffle"),
@@ -56,16 +53,6 @@ SETS: dict[str, tuple[str, ...]] = {
 def ablation_configs(name: str) -> list[Path]:
     """The pilot's PVC arm plus the ablation overlay."""
     return [*pilot_configs("pvc"), CONFIGS / "ablations" / f"{name}.yaml"]
-
-
-def cost(model, side: int) -> dict:
-    """Encoder settings, input size, visual tokens and encoder FLOPs (meta device) at a ``side`` px square."""
-    cfg = model.encoder.cfg
-    height, width = input_size(model, side)
-    kwargs = {"patch_size": cfg.patch_size, "wtc_layers": tuple(cfg.wtc_layers), "wtc_pooling": cfg.wtc_pooling}
-    flops = encoder_flops(model.config.encoder, int(height), int(width), **kwargs)
-    return {"pooling": cfg.wtc_pooling, "wtc_layers": "-".join(map(str, cfg.wtc_layers)), "patch": cfg.patch_size,
-            "input": f"{height}x{width}", "image_tokens": image_tokens(model, side), "encoder_gflops": flops / 1e9}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

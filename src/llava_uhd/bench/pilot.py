@@ -67,6 +67,7 @@ from llava_uhd.bench.runs import (
 )
 from llava_uhd.metrics import VQAMetrics, exact_match
 from llava_uhd.vision import ResolutionPolicy, preprocess
+from llava_uhd.vision.report import encoder_flops
 from llava_uhd.vision.slicing import SliceGridPolicy
 
 __all__ = ["PilotData", "pilot_sample", "chance", "cut_mask", "learned_at", "loss_curve", "ENCODERS"]
@@ -176,6 +177,16 @@ def image_tokens(model, side: int) -> int:
     return int(model.num_image_tokens(*input_size(model, side)))
 
 
+def cost(model, side: int) -> dict:
+    """Encoder settings, input size, visual tokens and encoder FLOPs (meta device) at a ``side`` px square."""
+    cfg = model.encoder.cfg
+    height, width = input_size(model, side)
+    kwargs = {"patch_size": cfg.patch_size, "wtc_layers": tuple(cfg.wtc_layers), "wtc_pooling": cfg.wtc_pooling}
+    flops = encoder_flops(model.config.encoder, int(height), int(width), **kwargs)
+    return {"pooling": cfg.wtc_pooling, "wtc_layers": "-".join(map(str, cfg.wtc_layers)), "patch": cfg.patch_size,
+            "input": f"{height}x{width}", "image_tokens": image_tokens(model, side), "encoder_gflops": flops / 1e9}
+
+
 @torch.no_grad()
 def evaluate(model, spec: PilotData, name: str) -> tuple[VQAMetrics, list[dict]]:
     """Greedy answers to the held-out questions of ``spec``: the metric and one record per question."""
@@ -248,8 +259,6 @@ def execute(item: tuple[RunJob, bool, dict, dict]) -> dict:
         "settings": settings, "job": job_dict(job),
     }
     if job.flops:
-        from llava_uhd.bench.ablate import cost
-
         record.update(cost(model, spec.min_side))
     (run_dir / "result.json").write_text(json.dumps(record, indent=1))
     return record

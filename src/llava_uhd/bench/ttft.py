@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -56,7 +55,7 @@ from llava_uhd.bench.ttft_models import (
     compile_models,
     llm_config,
 )
-from llava_uhd.bench.ttft_report import print_summary, write
+from llava_uhd.bench.ttft_report import Row, print_summary, write
 from llava_uhd.llm import load_llm
 from llava_uhd.mllm import LlavaUHD
 from llava_uhd.profiling import (
@@ -77,38 +76,6 @@ PROMPT = "What is in the image? Answer briefly."
 DEFAULT_TFLOPS = 125.0
 """Assumed sustained throughput for the modeled TTFT: about 40% of an A100's 312 TFLOP/s bf16 dense peak,
 close to what the paper's TTFT plot implies for ~8-28 TFLOP of work."""
-
-
-@dataclass
-class Row:
-    """One (shape, encoder, resolution) measurement."""
-
-    shape: str
-    encoder: str
-    label: str
-    request: int
-    height: int
-    width: int
-    visual_tokens: int
-    prompt_tokens: int
-    encoder_flops: int
-    """ViT forward only (what the paper's 7.92 TFLOP refers to)."""
-    projector_flops: int
-    prefill_flops: int
-    ttft_flops: int = 0
-    modeled_ttft_ms: float | None = None
-    encoder_ms: float | None = None
-    """Median ms of encoder + projector + splice into the prompt embeddings."""
-    prefill_ms: float | None = None
-    ttft_ms: float | None = None
-    """Median of the per-round sums encoder + prefill."""
-    ttft_min_ms: float | None = None
-    """Fastest round: on a machine shared with other jobs, the least disturbed measurement."""
-    peak_mem_mb: float | None = None
-    times_ms: list[list[float]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.ttft_flops = self.encoder_flops + self.projector_flops + self.prefill_flops
 
 
 def text_token_count(tokenizer) -> int:

@@ -5,15 +5,11 @@ on CUDA; the FLOP reproduction and the release setting for the modeled full-size
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llava_uhd.bench.report import markdown_table, write_csv
 from llava_uhd.bench.ttft_models import BY_KEY, ENCODERS
-
-if TYPE_CHECKING:
-    from llava_uhd.bench.ttft import Row
 
 CSV_FIELDS = [
     "shape", "encoder", "label", "request", "height", "width", "visual_tokens", "prompt_tokens",
@@ -23,6 +19,38 @@ CSV_FIELDS = [
 PAPER_TTFT_MS = {"uhd": {512: 55, 768: 77, 1024: 121}, "gne": {512: 61, 768: 147, 1024: 297}}
 """The paper's TTFT plot with Qwen2-7B (read off the figure): ViT-UHD (16x) and MoonViT (GNE + 2x2 merger)."""
 PAPER_FULL_MODEL_MS = {"LLaVA-UHD v3": 153.8, "Qwen2-VL-7B": 301.8}
+
+
+@dataclass
+class Row:
+    """One (shape, encoder, resolution) measurement."""
+
+    shape: str
+    encoder: str
+    label: str
+    request: int
+    height: int
+    width: int
+    visual_tokens: int
+    prompt_tokens: int
+    encoder_flops: int
+    """ViT forward only (what the paper's 7.92 TFLOP refers to)."""
+    projector_flops: int
+    prefill_flops: int
+    ttft_flops: int = 0
+    modeled_ttft_ms: float | None = None
+    encoder_ms: float | None = None
+    """Median ms of encoder + projector + splice into the prompt embeddings."""
+    prefill_ms: float | None = None
+    ttft_ms: float | None = None
+    """Median of the per-round sums encoder + prefill."""
+    ttft_min_ms: float | None = None
+    """Fastest round: on a machine shared with other jobs, the least disturbed measurement."""
+    peak_mem_mb: float | None = None
+    times_ms: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ttft_flops = self.encoder_flops + self.projector_flops + self.prefill_flops
 
 
 def format_table(rows: list[Row]) -> str:

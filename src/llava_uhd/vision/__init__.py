@@ -6,10 +6,10 @@ open_clip or HF SigLIP file) describes.
 """
 
 from .pvc import POOLING_KINDS, WindowedTokenCompression, refine_patch_embed, window_major_order
-from .registry import create_vit_uhd, encoder_name
+from .registry import create_vit_uhd, encoder_from_state_dict, load_encoder
 from .resize import ResolutionPolicy, preprocess
-from .vit_uhd import EncoderOutput, ViTUHD, ViTUHDConfig
-from .weights import LoadReport, encoder_from_state_dict, load_base_weights, load_encoder
+from .vit_uhd import EncoderOutput, ViTUHD, ViTUHDConfig, encoder_name
+from .weights import LoadReport, load_base_weights
 
 __all__ = [
     "POOLING_KINDS",

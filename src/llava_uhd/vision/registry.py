@@ -5,12 +5,17 @@ own models: ``generate_default_cfgs`` for their pretrained configs (no download 
 and ``build_model_with_cfg`` to build them. ``timm.create_model(name, pretrained_path=...)`` loads a local
 file or folder in any supported layout (:mod:`llava_uhd.vision.weights`); a checkpoint that carries WTC
 modules sets ``wtc_layers`` / ``wtc_pooling``, and explicit keyword arguments win over both.
+:func:`load_encoder` / :func:`encoder_from_state_dict` build the encoder a checkpoint describes (architecture
+read off its tensors and config).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .moonvit import MOONVIT_OPTIONS
 from .resize import SIGLIP_MEAN, SIGLIP_STD
-from .vit_uhd import ViTUHD, ViTUHDConfig
+from .vit_uhd import ViTUHD, ViTUHDConfig, encoder_name
 from .weights import Checkpoint, checkpoint_wtc, load_state, normalise_state, read_checkpoint
 
 SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, pos_embed_grid=27, base_patch_size=14)
@@ -60,17 +65,6 @@ default_cfgs = generate_default_cfgs({
     "vit_uhd_tiny_patch10_moonvit": _cfg(),
     "vit_gne_tiny_patch14_moonvit": _cfg(),
 })
-
-
-def encoder_name(cfg: ViTUHDConfig) -> str:
-    """A registered timm name for ``cfg``'s family (ViT-UHD or GNE, SigLIP or MoonViT flavour, size).
-
-    ``timm.create_model(encoder_name(cfg), **cfg.to_dict())`` rebuilds exactly ``cfg``: every field is passed."""
-    family = "uhd" if cfg.wtc_layers else "gne"
-    size = "so400m" if (cfg.embed_dim, cfg.depth) == (1152, 27) else "tiny"
-    patch = 10 if cfg.wtc_layers else 14
-    flavour = "moonvit" if cfg.rope == "2d" else "siglip"
-    return f"vit_{family}_{size}_patch{patch}_{flavour}"
 
 
 def build_vit_uhd(
@@ -184,3 +178,97 @@ def vit_uhd_tiny_patch10_moonvit(pretrained: bool = False, **kwargs: Any) -> ViT
 def vit_gne_tiny_patch14_moonvit(pretrained: bool = False, **kwargs: Any) -> ViTUHD:
     """Tiny MoonViT-flavoured GNE baseline for tests: patch 14, no WTC."""
     return _create_vit_uhd("vit_gne_tiny_patch14_moonvit", dict(MOONVIT_TINY, **GNE), pretrained, **kwargs)
+
+
+# -- building the encoder a checkpoint describes -------------------------------------------------------------------
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _config_value(config: dict[str, Any], *names: str) -> Any:
+    """First of ``names`` in the config or its ``vision_config`` (HF SiglipConfig nests the tower's)."""
+    for scope in (config, config.get("vision_config") or {}):
+        for name in names:
+            if scope.get(name) is not None:
+                return scope[name]
+    return None
+
+
+def architecture_from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """ViTUHDConfig fields read off the tensors (width, depth, MLP, patch, pos table, WTC) and the config
+    (heads; MoonViT options for that layout). A field the checkpoint cannot tell is left out."""
+    state, config, src = ckpt.state, ckpt.config or {}, ckpt.source
+    fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
+    if {"embed_dim", "depth", "num_heads"} <= set(config):  # our own saved encoder config
+        return {k: v for k, v in config.items() if k in fields}
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is None or kernel.ndim != 4 or kernel.shape[-1] != kernel.shape[-2]:
+        raise ValueError(f"{src}: no square conv patch_embed.proj.weight: not a ViT encoder checkpoint")
+    blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise ValueError(f"{src}: transformer blocks are missing or not numbered 0..N-1 (found {blocks[:5]}...)")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    pos = state.get("pos_embed")
+    if fc1 is None or pos is None:
+        raise ValueError(f"{src}: needs blocks.0.mlp.fc1.weight and a pos-embed table to tell the architecture")
+    side = math.isqrt(pos.shape[1])
+    if side * side != pos.shape[1]:
+        raise ValueError(f"{src}: pos-embed of {pos.shape[1]} positions is not a square table")
+    arch: dict[str, Any] = {
+        "embed_dim": kernel.shape[0],
+        "depth": len(blocks),
+        "mlp_dim": fc1.shape[0],
+        "base_patch_size": kernel.shape[-1],
+        "patch_size": kernel.shape[-1],
+        "pos_embed_grid": side,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "wtc_layers": (),
+    }
+    arch.update(checkpoint_wtc(ckpt))
+    for names, key in ((("hidden_size",), "embed_dim"), (("num_hidden_layers",), "depth"),
+                       (("intermediate_size",), "mlp_dim")):
+        stated = _config_value(config, *names)
+        if stated is not None and int(stated) != arch[key]:
+            raise ValueError(f"{src}: config.json {names[0]}={stated} but the weights have {key} {arch[key]}")
+    heads = _config_value(config, "num_attention_heads", "num_heads")
+    if heads is not None:
+        arch["num_heads"] = int(heads)
+    if ckpt.format == "moonvit":
+        arch.update(MOONVIT_OPTIONS)
+    else:
+        arch["norm_eps"] = float(_config_value(config, "layer_norm_eps") or 1e-6)
+        arch["act_layer"] = "gelu_tanh"
+    return arch
+
+
+def _build_encoder(ckpt: Checkpoint, overrides: dict[str, Any]) -> torch.nn.Module:
+    fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown encoder option(s) {unknown}; valid: {sorted(fields)}")
+    arch = {**architecture_from_checkpoint(ckpt), **overrides}
+    if "num_heads" not in arch:
+        raise ValueError(
+            f"{ckpt.source}: the number of attention heads cannot be read from the weights and no config.json "
+            "gives num_attention_heads: pass num_heads=..."
+        )
+    return build_vit_uhd(ViTUHDConfig(**arch), checkpoint=ckpt)
+
+
+def encoder_from_state_dict(
+    state: dict[str, torch.Tensor], config: dict[str, Any] | None = None, **overrides: Any
+) -> torch.nn.Module:
+    """The ViTUHD that ``state`` (any supported layout, tensors in memory) describes, weights loaded.
+
+    ``config``: the encoder's config.json as a dict (MoonViT / HF fields, or our own ``ViTUHDConfig.to_dict()``).
+    ``overrides``: ViTUHDConfig fields, e.g. ``patch_size=10, wtc_layers=(4, 18)`` for RPE and fresh WTCs."""
+    if not state:
+        raise ValueError("encoder state dict is empty")
+    return _build_encoder(normalise_state(state, config, source="state dict"), overrides)
+
+
+def load_encoder(path: str | Path, **overrides: Any) -> torch.nn.Module:
+    """The ViTUHD a checkpoint folder or file describes, its weights loaded (``model.load_report`` says how).
+
+    Reads MoonViT / released ViT-UHD folders and timm, open_clip and HF SigLIP files; width, depth, MLP, patch,
+    pos table and WTC blocks come from the tensors, heads from config.json (or ``num_heads=``)."""
+    return _build_encoder(normalise_state(*read_checkpoint(path), source=path), overrides)

@@ -155,6 +155,17 @@ class ViTUHDConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
+def encoder_name(cfg: ViTUHDConfig) -> str:
+    """A registered timm name for ``cfg``'s family (ViT-UHD or GNE, SigLIP or MoonViT flavour, size).
+
+    ``timm.create_model(encoder_name(cfg), **cfg.to_dict())`` rebuilds exactly ``cfg``: every field is passed."""
+    family = "uhd" if cfg.wtc_layers else "gne"
+    size = "so400m" if (cfg.embed_dim, cfg.depth) == (1152, 27) else "tiny"
+    patch = 10 if cfg.wtc_layers else 14
+    flavour = "moonvit" if cfg.rope == "2d" else "siglip"
+    return f"vit_{family}_{size}_patch{patch}_{flavour}"
+
+
 @dataclass
 class EncoderOutput:
     """Encoder result: tokens [B, n, C] (dense) or [sum n_i, C] (packed), row-major per image."""
@@ -200,8 +211,6 @@ class ViTUHD(VisionTransformer):
         )
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.rope_tables = RopeTables(cfg.head_dim, cfg.rope_theta, len(cfg.wtc_layers))
-        from .registry import encoder_name  # the registry builds this class: imported here, not at the top
-
         self.registry_name = encoder_name(cfg)
         """A timm name that, with ``**cfg.to_dict()``, rebuilds this architecture (the builder sets its own)."""
 
@@ -370,7 +379,7 @@ class ViTUHD(VisionTransformer):
 _MOVED = {
     **dict.fromkeys(("varlen_unsupported", "resolve_attn_impl", "packed_attention", "block_diagonal_mask"),
                     "llava_uhd.vision.attention"),
-    **dict.fromkeys(("SO400M", "TINY", "MOONVIT_SO400M", "MOONVIT_TINY", "create_vit_uhd", "encoder_name",
+    **dict.fromkeys(("SO400M", "TINY", "MOONVIT_SO400M", "MOONVIT_TINY", "create_vit_uhd",
                      "vit_uhd_so400m_patch10_siglip", "vit_gne_so400m_patch14_siglip", "vit_uhd_tiny_patch10_siglip",
                      "vit_gne_tiny_patch14_siglip", "vit_uhd_so400m_patch10_moonvit", "vit_gne_so400m_patch14_moonvit",
                      "vit_uhd_tiny_patch10_moonvit", "vit_gne_tiny_patch14_moonvit"), "llava_uhd.vision.registry"),

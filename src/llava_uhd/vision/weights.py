@@ -1,5 +1,6 @@
 """Encoder weights in (timm, open_clip, Hugging Face SigLIP, Kimi-VL MoonViT / released ViT-UHD layouts), loaded
-into a ViT-UHD, and the encoder a checkpoint describes (:func:`load_encoder`).
+into a ViT-UHD. Building the encoder a checkpoint describes is the registry's job
+(:func:`llava_uhd.vision.registry.load_encoder`), which reads checkpoints through this module.
 
 Checkpoints are untrusted input. :func:`read_weights` is the one reader of weight files and folders (the release
 loader uses it too): ``.safetensors`` through safetensors, ``.bin``/``.pt``/``.pth``/``.ckpt`` only through timm's
@@ -15,11 +16,11 @@ naming the key.
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import json
 import logging
-import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,9 +33,8 @@ from timm.models import load_state_dict as timm_load_state_dict
 from tqdm import tqdm
 
 from .hf_siglip import from_hf_siglip, is_hf_siglip
-from .moonvit import MOONVIT_OPTIONS, from_moonvit, is_moonvit, moonvit_wtc_from_config
+from .moonvit import from_moonvit, is_moonvit, moonvit_wtc_from_config
 from .pvc import refine_patch_embed
-from .vit_uhd import ViTUHDConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,97 +332,14 @@ def load_base_weights(model: torch.nn.Module, path: str | Path) -> LoadReport:
     return load_state(model, normalise_state(*read_checkpoint(path), source=path))
 
 
-# -- building the encoder a checkpoint describes -------------------------------------------------------------------
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_MOVED = ("architecture_from_checkpoint", "encoder_from_state_dict", "load_encoder")
 
 
-def _config_value(config: dict[str, Any], *names: str) -> Any:
-    """First of ``names`` in the config or its ``vision_config`` (HF SiglipConfig nests the tower's)."""
-    for scope in (config, config.get("vision_config") or {}):
-        for name in names:
-            if scope.get(name) is not None:
-                return scope[name]
-    return None
-
-
-def architecture_from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
-    """ViTUHDConfig fields read off the tensors (width, depth, MLP, patch, pos table, WTC) and the config
-    (heads; MoonViT options for that layout). A field the checkpoint cannot tell is left out."""
-    state, config, src = ckpt.state, ckpt.config or {}, ckpt.source
-    fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
-    if {"embed_dim", "depth", "num_heads"} <= set(config):  # our own saved encoder config
-        return {k: v for k, v in config.items() if k in fields}
-    kernel = state.get("patch_embed.proj.weight")
-    if kernel is None or kernel.ndim != 4 or kernel.shape[-1] != kernel.shape[-2]:
-        raise ValueError(f"{src}: no square conv patch_embed.proj.weight: not a ViT encoder checkpoint")
-    blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))})
-    if not blocks or blocks != list(range(len(blocks))):
-        raise ValueError(f"{src}: transformer blocks are missing or not numbered 0..N-1 (found {blocks[:5]}...)")
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    pos = state.get("pos_embed")
-    if fc1 is None or pos is None:
-        raise ValueError(f"{src}: needs blocks.0.mlp.fc1.weight and a pos-embed table to tell the architecture")
-    side = math.isqrt(pos.shape[1])
-    if side * side != pos.shape[1]:
-        raise ValueError(f"{src}: pos-embed of {pos.shape[1]} positions is not a square table")
-    arch: dict[str, Any] = {
-        "embed_dim": kernel.shape[0],
-        "depth": len(blocks),
-        "mlp_dim": fc1.shape[0],
-        "base_patch_size": kernel.shape[-1],
-        "patch_size": kernel.shape[-1],
-        "pos_embed_grid": side,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-        "wtc_layers": (),
-    }
-    arch.update(checkpoint_wtc(ckpt))
-    for names, key in ((("hidden_size",), "embed_dim"), (("num_hidden_layers",), "depth"),
-                       (("intermediate_size",), "mlp_dim")):
-        stated = _config_value(config, *names)
-        if stated is not None and int(stated) != arch[key]:
-            raise ValueError(f"{src}: config.json {names[0]}={stated} but the weights have {key} {arch[key]}")
-    heads = _config_value(config, "num_attention_heads", "num_heads")
-    if heads is not None:
-        arch["num_heads"] = int(heads)
-    if ckpt.format == "moonvit":
-        arch.update(MOONVIT_OPTIONS)
-    else:
-        arch["norm_eps"] = float(_config_value(config, "layer_norm_eps") or 1e-6)
-        arch["act_layer"] = "gelu_tanh"
-    return arch
-
-
-def _build_encoder(ckpt: Checkpoint, overrides: dict[str, Any]) -> torch.nn.Module:
-    from .registry import build_vit_uhd  # the registry reads checkpoints through this module
-
-    fields = {f.name for f in dataclasses.fields(ViTUHDConfig) if f.init}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"unknown encoder option(s) {unknown}; valid: {sorted(fields)}")
-    arch = {**architecture_from_checkpoint(ckpt), **overrides}
-    if "num_heads" not in arch:
-        raise ValueError(
-            f"{ckpt.source}: the number of attention heads cannot be read from the weights and no config.json "
-            "gives num_attention_heads: pass num_heads=..."
-        )
-    return build_vit_uhd(ViTUHDConfig(**arch), checkpoint=ckpt)
-
-
-def encoder_from_state_dict(
-    state: dict[str, torch.Tensor], config: dict[str, Any] | None = None, **overrides: Any
-) -> torch.nn.Module:
-    """The ViTUHD that ``state`` (any supported layout, tensors in memory) describes, weights loaded.
-
-    ``config``: the encoder's config.json as a dict (MoonViT / HF fields, or our own ``ViTUHDConfig.to_dict()``).
-    ``overrides``: ViTUHDConfig fields, e.g. ``patch_size=10, wtc_layers=(4, 18)`` for RPE and fresh WTCs."""
-    if not state:
-        raise ValueError("encoder state dict is empty")
-    return _build_encoder(normalise_state(state, config, source="state dict"), overrides)
-
-
-def load_encoder(path: str | Path, **overrides: Any) -> torch.nn.Module:
-    """The ViTUHD a checkpoint folder or file describes, its weights loaded (``model.load_report`` says how).
-
-    Reads MoonViT / released ViT-UHD folders and timm, open_clip and HF SigLIP files; width, depth, MLP, patch,
-    pos table and WTC blocks come from the tensors, heads from config.json (or ``num_heads=``)."""
-    return _build_encoder(normalise_state(*read_checkpoint(path), source=path), overrides)
+def __getattr__(name: str) -> Any:
+    """Names that moved to :mod:`llava_uhd.vision.registry` (kept importable here, with a DeprecationWarning,
+    for one release)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"llava_uhd.vision.weights.{name} moved to llava_uhd.vision.registry.{name}; the old import goes "
+                  "in the next release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module("llava_uhd.vision.registry"), name)
