@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
 
 def convert_release(src: str | Path, out: str | Path, resize_policy: str = "release", overwrite: bool = False):
     """Write ``src`` (a release folder) as our model folder ``out``; returns the model and its load report."""
-    from llava_uhd.release import ReleaseError, is_release_folder, load_release
+    from llava_uhd.mllm import LlavaUHD
+    from llava_uhd.release import ReleaseError, is_release_folder
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -47,7 +48,7 @@ def convert_release(src: str | Path, out: str | Path, resize_policy: str = "rele
         if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
             raise ReleaseError(f"--out: {out} holds --src {src}; replacing it would delete the release")
     with tqdm(total=2, desc="convert (read release, write folder)", unit="step") as steps:
-        model = load_release(src, resize_policy=resize_policy, progress=True)
+        model = LlavaUHD.from_release(src, resize_policy=resize_policy, progress=True)
         steps.update()
         tmp = out.with_name(f".{out.name}.partial")  # written beside, then swapped in: never half a folder
         shutil.rmtree(tmp, ignore_errors=True)

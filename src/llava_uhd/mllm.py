@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm models)
-from llava_uhd import generation
+from llava_uhd import generation, release
 from llava_uhd.generation import GenerationResult
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
@@ -299,16 +299,29 @@ class LlavaUHD(nn.Module):
         return save_dir
 
     @classmethod
+    def from_release(cls, folder: str | Path, resize_policy: str = "release", progress: bool = False,
+                     **encoder_overrides: Any) -> LlavaUHD:
+        """The released LLaVA-UHD v3 (a LLaVA-format folder), on the CPU, weights in their saved dtype.
+
+        ``resize_policy``: ``release`` (default: the rule the model was trained with) or ``default``.
+        ``progress``: a tqdm bar over the weight shards. ``model.load_report``
+        (:class:`~llava_uhd.release.ReleaseLoadReport`) says where every tensor went."""
+        parts = release.read_release(folder, progress, **encoder_overrides)
+        config = LlavaUHDConfig(encoder=parts.encoder_name, encoder_kwargs=parts.encoder_kwargs, projector="mlp",
+                                llm=parts.llm_config, llm_dtype=parts.llm_dtype, resize_policy=resize_policy)
+        model = cls(config, encoder=parts.encoder, projector=parts.projector, llm=parts.llm, tokenizer=parts.tokenizer)
+        model.load_report = parts.report
+        return model
+
+    @classmethod
     def from_pretrained(cls, model_dir: str | Path, resize_policy: str | None = None) -> LlavaUHD:
         """Rebuild a model written by ``save_pretrained``, or read a release folder (no training code, nothing
         fetched), on the CPU. ``resize_policy`` overrides the folder's (a release: ``release``)."""
-        from llava_uhd import release
-
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"no model folder at {model_dir}")
         if release.is_release_folder(model_dir):
-            return release.load_release(model_dir, resize_policy=resize_policy or "release")
+            return cls.from_release(model_dir, resize_policy=resize_policy or "release")
         raw = release.read_config(model_dir)
         if raw is None or "encoder" not in raw or not (model_dir / WEIGHTS_NAME).is_file():
             raise ValueError(f"{model_dir} is not a model folder: it needs a {CONFIG_NAME} written by save_pretrained "

@@ -1,4 +1,4 @@
-"""Reading the released LLaVA-UHD v3 (a LLaVA-format ``llava_qwen`` folder) into :class:`LlavaUHD`.
+"""Reading the released LLaVA-UHD v3 (a LLaVA-format ``llava_qwen`` folder) into the parts of a :class:`LlavaUHD`.
 
 A release folder holds a Qwen2 ``config.json`` with the LLaVA fields (``model_type: llava_qwen``,
 ``mm_vision_tower``, ``mm_projector_type: mlp``, ``mm_hidden_size``), the weights as one
@@ -21,7 +21,9 @@ the one weights reader): a pickled checkpoint is refused.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -215,15 +217,24 @@ def _moonvit_heads(encoder_state: dict[str, torch.Tensor], folder: Path) -> int:
     return width // MOONVIT_HEAD_DIM
 
 
-def load_release(folder: str | Path, resize_policy: str = "release", progress: bool = False,
-                 **encoder_overrides: Any):
-    """A :class:`LlavaUHD` from a release folder, on the CPU, weights in their saved dtype.
+@dataclass
+class ReleaseParts:
+    """The parts of a release folder, weights loaded, and what ``LlavaUHDConfig`` needs to describe them."""
 
-    ``resize_policy``: ``release`` (default: the rule the model was trained with) or ``default``.
-    ``progress``: a tqdm bar over the weight shards.
-    ``model.load_report`` (:class:`ReleaseLoadReport`) says where every tensor went.
-    """
-    from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig
+    encoder: nn.Module
+    projector: nn.Module
+    llm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    encoder_name: str
+    encoder_kwargs: dict[str, Any]
+    llm_config: dict[str, Any]
+    llm_dtype: str
+    report: ReleaseLoadReport
+
+
+def read_release(folder: str | Path, progress: bool = False, **encoder_overrides: Any) -> ReleaseParts:
+    """Read a release folder into its parts, on the CPU, weights in their saved dtype (``LlavaUHD.from_release``
+    assembles them). ``progress``: a tqdm bar over the weight shards."""
     from llava_uhd.projector import build_projector
     from llava_uhd.vision import encoder_from_state_dict
 
@@ -279,16 +290,21 @@ def load_release(folder: str | Path, resize_policy: str = "release", progress: b
     name = getattr(encoder, "registry_name", None) or (
         "vit_uhd_so400m_patch10_moonvit" if encoder.cfg.wtc_layers else "vit_gne_so400m_patch14_moonvit")
     encoder_kwargs = {k: v for k, v in encoder.cfg.to_dict().items() if k != "reduction"}
-    model_config = LlavaUHDConfig(
-        encoder=name, encoder_kwargs=encoder_kwargs, projector="mlp", llm=llm_config_dict(llm),
-        llm_dtype=str(llm.dtype).removeprefix("torch."), resize_policy=resize_policy,
-    )
-    model = LlavaUHD(model_config, encoder=encoder, projector=projector, llm=llm, tokenizer=tokenizer)
-    model.load_report = ReleaseLoadReport(
+    report = ReleaseLoadReport(
         encoder=len(encoder_state) - len(dropped) - (len(enc_report.unexpected) if enc_report else 0),
         projector=len(projector_state), llm=len(llm_state) - len(llm_unused), dropped=dropped, unused=sorted(unused),
         added_tokens=added, resized_embeddings=resized,
     )
     if unused:
         log.warning("%s: %d tensors not used by any part: %s", folder, len(unused), ", ".join(sorted(unused)))
-    return model
+    return ReleaseParts(encoder, projector, llm, tokenizer, name, encoder_kwargs, llm_config_dict(llm),
+                        str(llm.dtype).removeprefix("torch."), report)
+
+
+def __getattr__(name: str) -> Any:
+    """``load_release`` moved to ``LlavaUHD.from_release`` (kept here, with a DeprecationWarning, for one release)."""
+    if name != "load_release":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("llava_uhd.release.load_release is now llava_uhd.mllm.LlavaUHD.from_release; the old name goes in "
+                  "the next release", DeprecationWarning, stacklevel=2)
+    return importlib.import_module("llava_uhd.mllm").LlavaUHD.from_release

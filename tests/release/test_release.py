@@ -244,3 +244,13 @@ def test_llm_config_helper_is_public_and_its_old_name_warns():
     assert llm_config_from({"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4}).hidden_size == 32
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         llm_config_from({"hidden_size": 32})
+
+
+def test_the_old_load_release_name_warns_and_is_from_release(release_dir):
+    from llava_uhd import release
+
+    with pytest.warns(DeprecationWarning, match="load_release is now llava_uhd.mllm.LlavaUHD.from_release"):
+        old = release.load_release
+    assert old == LlavaUHD.from_release
+    model = old(release_dir)
+    assert model.config.resize_policy == "release" and model.load_report.projector > 0
