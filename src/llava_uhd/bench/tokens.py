@@ -19,6 +19,7 @@ import timm
 import torch
 
 import llava_uhd.vision.slicing  # noqa: F401  (registers the vit_uhd_* / vit_gne_* / vit_sbe_* timm models)
+from llava_uhd.bench.report import markdown_table
 from llava_uhd.projector import build_projector
 
 LLM_WIDTH = 3584  # Qwen2-7B
@@ -70,10 +71,7 @@ def format_table(rows: list[TokenCount]) -> str:
     labels = list(dict.fromkeys(r.label for r in rows))
     cell = {(r.label, r.resolution): f"{r.tokens} ({r.encoded[0]}x{r.encoded[1]})" for r in rows}
     header = ["encoder"] + [f"{h}x{w}" if h != w else f"{h}^2" for h, w in resolutions]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for label in labels:
-        lines.append("| " + " | ".join([label] + [cell[label, res] for res in resolutions]) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, [[label] + [cell[label, res] for res in resolutions] for label in labels])
 
 
 def _resolution(text: str) -> tuple[int, int]:
