@@ -135,3 +135,20 @@ def test_distributed_checkpoint_directory_is_swapped_in_whole(tmp_path):
     publish(new, target)  # over an existing checkpoint: exchanged, then the old one removed
     assert (target / "meta.pt").read_text() == "step 4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_an_optimizer_given_in_the_config_trains_checkpoints_and_resumes(app_data, tmp_path):
+    """``--model.optimizer`` / ``--model.lr_scheduler`` (class_path + init_args): the checkpoints hold plain data
+    (they load with ``weights_only``), their optimizer and schedule state is the one asked for, and a resume
+    continues it."""
+    chosen = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.momentum", "0.9",
+              "--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "3"]
+    run_app(app_args(app_data, tmp_path, 2, 2, *chosen))
+    run_app(app_args(app_data, tmp_path, 4, 2, *chosen, "--ckpt_path", "last"))
+    last = torch.load(checkpoint_dir(tmp_path) / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4 and "optimizer" not in last["hyper_parameters"]
+    (optimizer,), (schedule,) = last["optimizer_states"], last["lr_schedulers"]
+    assert optimizer["param_groups"][0]["momentum"] == 0.9
+    assert "momentum_buffer" in next(iter(optimizer["state"].values()))
+    assert schedule["step_size"] == 3 and schedule["last_epoch"] == 4

@@ -77,3 +77,25 @@ def test_names_that_moved_keep_working_with_a_deprecation_warning(shards):
     with pytest.warns(DeprecationWarning, match="UHDModule.reinit_wtc_gates"):
         assert module.reinit_wtc_gates() == ["encoder.wtc.2", "encoder.wtc.4"]
     assert not gate.any()  # the method still does its job
+
+
+def test_an_optimizer_and_schedule_handed_in_get_the_per_part_groups(shards):
+    def sgd(params):
+        return torch.optim.SGD(params, lr=9.0, momentum=0.9, weight_decay=0.5)
+
+    def step_lr(optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+
+    module = SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32}, tokenizer=str(shards / "tok"),
+                 lr={"llm": 0.25}, weight_decay=0.1, optimizer=sgd, lr_scheduler=step_lr)
+    assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams  # checkpoints: plain data
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 3
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["llm"]["lr"] == 0.25 and groups["vit"]["lr"] == SFT.default_lr["vit"]  # the parts' rates win
+    assert groups["llm"]["weight_decay"] == 0.1 and groups["llm/no_decay"]["weight_decay"] == 0.0
+    default = SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32}, tokenizer=str(shards / "tok"))
+    default.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+    assert isinstance(default.configure_optimizers()["optimizer"], torch.optim.AdamW)

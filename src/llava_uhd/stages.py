@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
@@ -161,6 +162,8 @@ class UHDModule(L.LightningModule):
         eval_generate: bool = True,
         max_new_tokens: int = 16,
         num_beams: int = 1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         """
         Args:
@@ -191,9 +194,14 @@ class UHDModule(L.LightningModule):
             eval_generate: generate answers in validate/test to compute the VQA metrics.
             max_new_tokens: generation length cap for validate/test/predict.
             num_beams: beams for generation (the paper evaluates with 3).
+            optimizer: the optimizer class (``class_path`` + ``init_args``; default AdamW with ``betas``). It gets the
+                per-part parameter groups, whose ``lr`` (``model.lr``) and ``weight_decay`` win over its own.
+            lr_scheduler: the schedule (``class_path`` + ``init_args``, stepped every optimizer step; default:
+                linear warm-up for ``warmup_ratio`` of the steps, then cosine decay to 0).
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # callables: checkpoints hold plain data
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model = build_model(ModelSettings.from_mapping(self.hparams))
         self.trainable_parts = tuple(trainable if trainable is not None else self.default_trainable)
         unknown = set(self.trainable_parts) - set(PARTS)
@@ -323,10 +331,15 @@ class UHDModule(L.LightningModule):
         groups = part_param_groups(self.model.named_parameters(), parts, self.lrs, self.hparams.weight_decay)
         if not groups:
             raise SettingsError("model.trainable: nothing to train")
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(self.hparams.warmup_ratio * total))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas))
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(self.hparams.warmup_ratio * total)), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
