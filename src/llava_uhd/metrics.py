@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.text import edit_distance
+
+if TYPE_CHECKING:
+    import lightning as L
 
 DEFAULT_TASKS = ("shapegrid", "textgrid", "caption")
 """The synthetic benchmark's tasks (``datamodules.synthetic.TASKS``)."""
@@ -314,3 +317,56 @@ class BenchmarkScores(Metric):
         out["count"] = torch.tensor(float(scores["counts"]["scored"]))
         out["unparseable"] = torch.tensor(float(scores["counts"]["unparseable"]))
         return out
+
+
+SPLITS = ("val", "test")
+
+
+class GenerationScores(nn.Module):
+    """Validate / test scores of generated answers: VQA metrics per split (questions with an ``answer``) and
+    benchmark scores for rows of a benchmark TSV (``datamodules.tsv``), scored as ``python -m llava_uhd.eval
+    score`` scores them. The benchmark metric is made on the split's first benchmark row, from its loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vqa = nn.ModuleDict({split: VQAMetrics() for split in SPLITS})
+        self.benchmark = nn.ModuleDict()
+
+    def update(self, split: str, records: Sequence[dict], metas: Sequence[dict], loader: Any = None) -> None:
+        """Score one batch's answers (``records`` from :func:`answer_samples`) against its ``meta``."""
+        scored = [(r["answer"], m) for r, m in zip(records, metas) if m.get("answer") is not None]
+        if scored:
+            self.vqa[split].update([p for p, _ in scored], [m for _, m in scored])
+        rows = [(r["answer"], m["index"]) for r, m in zip(records, metas) if m.get("benchmark")]
+        if rows:
+            self.benchmark_metric(split, loader).update([p for p, _ in rows], [i for _, i in rows])
+
+    def benchmark_metric(self, split: str, loader: Any = None) -> BenchmarkScores:
+        """The split's ``BenchmarkScores``, made on first use over the benchmark its loader reads."""
+        if split not in self.benchmark:
+            benchmark = getattr(getattr(loader, "dataset", None), "benchmark", None)
+            if benchmark is None:
+                raise ValueError(f"{split} batch rows name a benchmark, but the {split} loader reads no benchmark TSV")
+            self.benchmark[split] = BenchmarkScores(benchmark).to(self.vqa[split].device)
+        return self.benchmark[split]
+
+    def log_epoch(self, module: L.LightningModule, split: str) -> None:
+        """Log the split's scores through ``module`` (``<split>/<benchmark>/<metric>``, ``<split>/<metric>``),
+        draw each grid task's per-cell accuracy into the logger (rank 0), then reset."""
+        scores = self.benchmark[split] if split in self.benchmark else None
+        if scores is not None and scores.update_called:
+            values = scores.compute()
+            module.log_dict({f"{split}/{scores.benchmark.name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            scores.reset()
+        metric = self.vqa[split]
+        if not metric.update_called:
+            return
+        values = metric.compute()
+        module.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False)
+        experiment = getattr(module.logger, "experiment", None)
+        for task in metric.cell_tasks():
+            cells = metric.cell_accuracy(task)
+            if module.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+                figure = plot_cell_accuracy(cells, f"{split} {task}: accuracy per grid cell")
+                experiment.add_figure(f"{split}/cell_accuracy/{task}", figure, module.global_step)
+        metric.reset()

@@ -37,7 +37,8 @@ from transformers import get_cosine_schedule_with_warmup
 from .build import ModelSettings, build_model, fully_shard_model, load_weights, reinit_wtc_gates
 from .distill import build_teacher, distill_forward, distill_loss
 from .errors import SettingsError
-from .eval.generation import GenerationScores, answer_samples
+from .eval.generation import answer_samples
+from .metrics import GenerationScores
 from .nonfinite import NonFiniteSkip
 
 log = logging.getLogger(__name__)

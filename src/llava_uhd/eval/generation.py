@@ -7,26 +7,17 @@ with an attention mask (greedy or beam search, KV cache). One row per batch goes
 ``LlavaUHD.generate`` itself, so ``--batch-size 1`` answers exactly as the model's own method does.
 
 During training, validate and test score generated answers too: :func:`answer_samples` answers each sample of
-a data-pipeline batch, and :class:`GenerationScores` keeps the split's :class:`~llava_uhd.metrics.VQAMetrics`
-and, for a benchmark-TSV loader, its :class:`~llava_uhd.metrics.BenchmarkScores`, then logs them and the
-per-cell accuracy figures at the epoch's end.
+a data-pipeline batch, and :class:`llava_uhd.metrics.GenerationScores` scores and logs them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-
-from ..metrics import BenchmarkScores, VQAMetrics, plot_cell_accuracy
-
-if TYPE_CHECKING:
-    import lightning as L
-
-SPLITS = ("val", "test")
 
 
 @torch.inference_mode()
@@ -100,51 +91,13 @@ def answer_samples(model, batch: dict, max_new_tokens: int, num_beams: int) -> l
     return records
 
 
-class GenerationScores(nn.Module):
-    """Validate / test scores of generated answers: VQA metrics per split (questions with an ``answer``) and
-    benchmark scores for rows of a benchmark TSV (``datamodules.tsv``), scored as ``python -m llava_uhd.eval
-    score`` scores them. The benchmark metric is made on the split's first benchmark row, from its loader."""
+def __getattr__(name: str) -> Any:
+    """``GenerationScores`` moved to :mod:`llava_uhd.metrics` (kept here, with a DeprecationWarning, for one
+    release)."""
+    if name != "GenerationScores":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.vqa = nn.ModuleDict({split: VQAMetrics() for split in SPLITS})
-        self.benchmark = nn.ModuleDict()
-
-    def update(self, split: str, records: Sequence[dict], metas: Sequence[dict], loader: Any = None) -> None:
-        """Score one batch's answers (``records`` from :func:`answer_samples`) against its ``meta``."""
-        scored = [(r["answer"], m) for r, m in zip(records, metas) if m.get("answer") is not None]
-        if scored:
-            self.vqa[split].update([p for p, _ in scored], [m for _, m in scored])
-        rows = [(r["answer"], m["index"]) for r, m in zip(records, metas) if m.get("benchmark")]
-        if rows:
-            self.benchmark_metric(split, loader).update([p for p, _ in rows], [i for _, i in rows])
-
-    def benchmark_metric(self, split: str, loader: Any = None) -> BenchmarkScores:
-        """The split's ``BenchmarkScores``, made on first use over the benchmark its loader reads."""
-        if split not in self.benchmark:
-            benchmark = getattr(getattr(loader, "dataset", None), "benchmark", None)
-            if benchmark is None:
-                raise ValueError(f"{split} batch rows name a benchmark, but the {split} loader reads no benchmark TSV")
-            self.benchmark[split] = BenchmarkScores(benchmark).to(self.vqa[split].device)
-        return self.benchmark[split]
-
-    def log_epoch(self, module: L.LightningModule, split: str) -> None:
-        """Log the split's scores through ``module`` (``<split>/<benchmark>/<metric>``, ``<split>/<metric>``),
-        draw each grid task's per-cell accuracy into the logger (rank 0), then reset."""
-        scores = self.benchmark[split] if split in self.benchmark else None
-        if scores is not None and scores.update_called:
-            values = scores.compute()
-            module.log_dict({f"{split}/{scores.benchmark.name}/{k}": v for k, v in values.items()}, sync_dist=False)
-            scores.reset()
-        metric = self.vqa[split]
-        if not metric.update_called:
-            return
-        values = metric.compute()
-        module.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False)
-        experiment = getattr(module.logger, "experiment", None)
-        for task in metric.cell_tasks():
-            cells = metric.cell_accuracy(task)
-            if module.trainer.is_global_zero and hasattr(experiment, "add_figure"):
-                figure = plot_cell_accuracy(cells, f"{split} {task}: accuracy per grid cell")
-                experiment.add_figure(f"{split}/cell_accuracy/{task}", figure, module.global_step)
-        metric.reset()
+    warnings.warn("llava_uhd.eval.generation.GenerationScores moved to llava_uhd.metrics.GenerationScores; the old "
+                  "import goes in the next release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module("llava_uhd.metrics"), name)
