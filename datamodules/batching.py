@@ -27,7 +27,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from datamodules.samples import Sample
 from llava_uhd.conversation import IGNORE_INDEX
-from llava_uhd.vision.resize import ResolutionPolicy
 
 MIXED = "mixed"
 
@@ -101,10 +100,6 @@ class Bucketer:
         for (n_images, h, w), n in counts.items():
             total += math.ceil(n / self.capacity(self.tokens([(h, w)] * n_images)))
         return total
-
-
-def policy_sizes(orig_sizes: list, policy: ResolutionPolicy) -> list[tuple[int, int]]:
-    return [policy.target_size(int(h), int(w)) for h, w in orig_sizes]
 
 
 def _right_padded(rows: list[list[int]], value: int) -> torch.Tensor:
