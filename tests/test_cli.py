@@ -10,11 +10,11 @@ import torch
 from datamodules import write_synthetic
 from llava_uhd.errors import SettingsError
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers.app import CONFIGS, ROOT
+
 sys.path.insert(0, str(ROOT / "src"))
 from main import cli, config_error, main  # noqa: E402
 
-CONFIGS = ROOT / "configs"
 STAGES = ["stage1.yaml", "stage2.yaml", "stage3.yaml"]
 OVERLAYS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if p.name not in STAGES + ["base.yaml"])
 

@@ -13,11 +13,11 @@ from datamodules import ShardSetWriter, write_synthetic
 from llava_uhd.errors import SettingsError
 from llava_uhd.stages import SFT, check_learning_rates
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers.app import CONFIGS, ROOT
+
 sys.path.insert(0, str(ROOT / "src"))
 from main import cli  # noqa: E402
 
-CONFIGS = ROOT / "configs"
 ASK = {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]}
 
 

@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,11 +10,10 @@ from callbacks.wtc_modules import find_wtc
 from datamodules import write_synthetic
 from llava_uhd.vision.resize import ReleaseResolutionPolicy
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..helpers.app import CONFIGS, ROOT
+
 sys.path.insert(0, str(ROOT / "src"))
 from main import config_error, main  # noqa: E402
-
-CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(scope="module")
