@@ -205,7 +205,14 @@ def worker(rank, port, root):
         torch.testing.assert_close(out, ref(images).tokens, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.full_tensor(), ref.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
+    # Both ranks finish every collective before either tears gloo down, and the worker leaves without
+    # interpreter finalisation: gloo threads still holding tensors at exit can abort the process
+    # ("terminate called without an active exception") after every check above has passed.
+    del model, ref, out
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 if __name__ == "__main__":
     with socket.socket() as s:
