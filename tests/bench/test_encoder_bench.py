@@ -38,6 +38,19 @@ def test_part_flops_add_up_and_packing_adds_no_flops():
     assert bigger["attention"] > 2 * part_flops(TINY, [(40, 80)])["attention"]  # quadratic in tokens
 
 
+def test_block_diagonal_flops_grow_with_the_square_of_the_pack():
+    """k equal images of n tokens: per-image attention is k * (projections + core), the pack-wide mask's is
+    k * projections + k^2 * core, so the extra work is (k^2 - k) * core: 0, 2, 6 times core for k = 1, 2, 3."""
+    def extra(k):
+        packed = part_flops(TINY, [(80, 80)] * k, dense=False)
+        masked = part_flops(TINY, [(80, 80)] * k, dense=False, attn_impl="block_diagonal")
+        assert {p: masked[p] for p in PARTS if p != "attention"} == {p: packed[p] for p in PARTS if p != "attention"}
+        return masked["attention"] - packed["attention"]
+
+    assert extra(1) == 0 and extra(2) > 0
+    assert extra(3) == 3 * extra(2)
+
+
 def test_part_timer_times_each_part_inside_the_forward():
     model = timm.create_model(TINY).eval()
     timer = PartTimer(model)
@@ -68,6 +81,9 @@ def test_pack_run_times_three_modes_and_matches_one_by_one(tmp_path):
     assert result["packed_vs_one_by_one_max_abs_diff"] < 1e-4
     by = {r["mode"]: r["median_ms"] for r in result["rows"]}
     assert result["packed_over_one_by_one"] == pytest.approx(by["packed"] / by["one_by_one"])
+    gflop = result["gflop"]
+    assert gflop["block_diagonal"] > gflop["packed"] > 0  # the mask's cross-image attention is counted
+    assert result["block_diagonal_over_packed_flops"] == pytest.approx(gflop["block_diagonal"] / gflop["packed"])
     paths = pack.write(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
     with open(tmp_path / "pack_bench.csv") as f:

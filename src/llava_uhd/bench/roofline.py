@@ -44,14 +44,16 @@ def part_of(module_name: str) -> str | None:
     return None
 
 
-def part_flops(name: str, sizes: list[tuple[int, int]], dense: bool = True, **model_kwargs: Any) -> dict[str, int]:
+def part_flops(name: str, sizes: list[tuple[int, int]], dense: bool = True, attn_impl: str = "sdpa",
+               **model_kwargs: Any) -> dict[str, int]:
     """FLOPs per part (and ``total``) of one forward of images ``sizes``, counted on the meta device.
 
-    ``dense``: one [1, 3, H, W] forward per image (summed); otherwise one packed forward of the list."""
+    ``dense``: one [1, 3, H, W] forward per image (summed); otherwise one packed forward of the list, with the
+    packed attention kernel ``attn_impl`` (``block_diagonal`` counts its pack-wide attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = timm.create_model(name, device="meta", **model_kwargs).eval()
-    model.attn_impl = "sdpa"  # on the meta device SDPA decomposes into counted matmuls
+    model.attn_impl = attn_impl  # on the meta device SDPA decomposes into counted matmuls
     inputs = [torch.empty(1, 3, h, w, device="meta") for h, w in sizes] if dense else [
         [torch.empty(3, h, w, device="meta") for h, w in sizes]]
     out = dict.fromkeys((*PARTS, "total"), 0)

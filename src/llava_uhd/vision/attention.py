@@ -92,7 +92,8 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int
 
 def block_diagonal_mask(lengths: list[int], device: torch.device | str | None = None) -> torch.Tensor:
     """[N, N] boolean mask, True where query and key belong to the same image of the pack."""
-    image = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    image = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
+                                    output_size=sum(lengths))  # known size: no device sync, runs on meta too
     return image[:, None] == image[None, :]
 
 
