@@ -5,7 +5,6 @@ from datamodules.datamodule import UHDDataModule
 from datamodules.samples import SKIP_REASONS, SampleDecoder, SampleError, SkipCounter, check_sample
 from datamodules.shards import ShardSetWriter, expand_shards, load_shard_infos, resolve_shards, split_shards
 from datamodules.stream import ShardStream, StreamLoader
-from datamodules.synthetic import make_sample, write_synthetic
 
 __all__ = [
     "SKIP_REASONS",
@@ -29,7 +28,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Deprecated names, each with a ``DeprecationWarning`` (``GridTokens``: ``llava_uhd.tokens.ImageTokenCounter``)."""
+    """``make_sample`` / ``write_synthetic`` are imported on first use, so that ``python -m datamodules.synthetic``
+    runs its module only once (no runpy warning); deprecated names warn (``GridTokens``:
+    ``llava_uhd.tokens.ImageTokenCounter``)."""
+    if name in ("make_sample", "write_synthetic"):
+        from datamodules import synthetic
+
+        return getattr(synthetic, name)
     if name == "GridTokens":
         from datamodules import datamodule
 

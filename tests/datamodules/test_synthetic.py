@@ -74,3 +74,15 @@ def test_cli_refuses_a_folder_that_holds_a_shard_set(tmp_path, capsys):
         synthetic.main([*args[:1], "caption", *args[2:]])  # a second set into the same folder: a mixed set
     assert info.value.code == 2 and "is not a new or empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_module_runs_as_a_script_without_runpy_warning(tmp_path):
+    """``python -m datamodules.synthetic``: the package must not import the module before runpy runs it."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "datamodules.synthetic", "--task",
+                          "shapegrid", "--n", "2", "--out", str(tmp_path / "s"), "--min-side", "64",
+                          "--max-side", "64"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "RuntimeWarning" not in run.stderr and expand_shards(str(tmp_path / "s"))
