@@ -9,6 +9,7 @@ from PIL import Image
 from datamodules.batching import collate
 from datamodules.samples import Sample
 from llava_uhd.conversation import IGNORE_INDEX, tokenize_conversation
+from llava_uhd.generation import warn_past_trained_length
 from llava_uhd.llm import tiny_qwen2_config
 from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig, count_image_tokens, resolution_policy
 from llava_uhd.tokenizer import build_tiny_tokenizer
@@ -264,3 +265,15 @@ def test_old_count_and_policy_functions_warn_and_still_answer(tokenizer_dir):
         assert count_image_tokens(model.encoder, model.projector, 56, 56) == 24
     with pytest.warns(DeprecationWarning, match="resolution_policy is deprecated"):
         assert resolution_policy(model.encoder, model.projector) == model.policy
+
+
+def test_generation_past_the_llm_length_warns_and_within_it_does_not(tokenizer_dir, caplog):
+    model = make_model(tokenizer_dir)
+    limit = model.llm.config.max_position_embeddings
+    with caplog.at_level("WARNING", logger="llava_uhd.generation"):
+        model.generate(None, "Say hello.", max_new_tokens=2)
+        assert not caplog.records
+        prompt = len(model.build_prompt_ids("Say hello.", []))
+        assert not warn_past_trained_length(model, prompt, limit - prompt)
+        assert warn_past_trained_length(model, prompt, limit - prompt + 1)
+    assert "max_position_embeddings" in caplog.text and str(limit) in caplog.text

@@ -12,6 +12,7 @@ call would run the prefill twice and time a different call than the one that ans
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from llava_uhd.profiling import synchronize
 
 if TYPE_CHECKING:
     from llava_uhd.mllm import LlavaUHD
+
+log = logging.getLogger(__name__)
 
 Images = Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None
 
@@ -73,6 +76,19 @@ def as_pixel_list(model: LlavaUHD, images: Images) -> list[torch.Tensor]:
     return [model.preprocess(im) if isinstance(im, Image.Image) else im for im in images]
 
 
+def warn_past_trained_length(model: LlavaUHD, prompt_tokens: int, max_new_tokens: int) -> bool:
+    """Log a warning (and return True) when prompt + ``max_new_tokens`` can run past the LLM's
+    ``max_position_embeddings``: answers there are unreliable, yet nothing fails."""
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if not limit or prompt_tokens + max_new_tokens <= limit:
+        return False
+    log.warning("the prompt is %d tokens (image tokens included) and up to %d new tokens are asked for: %d in all, "
+                "past the LLM's max_position_embeddings (%d); answers past that length are unreliable (use a "
+                "smaller image or --max-new-tokens)", prompt_tokens, max_new_tokens, prompt_tokens + max_new_tokens,
+                limit)
+    return True
+
+
 def generate(
     model: LlavaUHD, images: Images, prompt: str | list[dict], max_new_tokens: int = 64, num_beams: int = 1,
     use_cache: bool = True, **generate_kwargs: Any,
@@ -82,6 +98,7 @@ def generate(
     device = model.llm.device
     sizes = [tuple(p.shape[-2:]) for p in pixels]
     ids = model.build_prompt_ids(prompt, sizes)
+    warn_past_trained_length(model, len(ids), max_new_tokens)
     input_ids = torch.tensor([ids], device=device)
     clock = StepClock(device)
     start = encoded = clock.tick()
