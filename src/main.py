@@ -116,13 +116,15 @@ def check_ckpt_path(ckpt_path: object) -> None:
 def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> UHDCLI:
     """The app; ``exit_on_error=False`` raises a command-line mistake as ``argparse.ArgumentError`` instead of
     printing the whole usage and exiting."""
-    defaults = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": exit_on_error}
+    # allow_abbrev off: a typo such as --trainer.max_step must not quietly set --trainer.max_steps
+    defaults = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": exit_on_error, "allow_abbrev": False}
     return UHDCLI(
         UHDModule,
         UHDDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"exit_on_error": exit_on_error, **{name: defaults for name in SUBCOMMANDS}},
+        parser_kwargs={"exit_on_error": exit_on_error, "allow_abbrev": False,
+                       **{name: defaults for name in SUBCOMMANDS}},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -86,6 +86,8 @@ def test_a_wrong_type_in_a_setting_is_a_parser_error(data, capsys):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--data.max_batchsize", "8"], "config error: data.max_batchsize: no such setting"),
+    (["--data.max_batch", "8"], "config error: data.max_batch: no such setting"),  # not an abbreviation
+    (["--trainer.max_step", "3"], "config error: unrecognized arguments: --trainer.max_step 3"),
     (["--model.projector", "mpl"], "config error: model.projector: Expected a typing.Literal['mlp', 'merger']. "
                                    "Got value: mpl"),
     (["--model.lr.vit", "abc"], "config error: model.lr: Expected a <class 'float'>. Got value: abc"),
