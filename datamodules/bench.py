@@ -112,7 +112,7 @@ def stream_state_cost(shards: str, tokenizer_dir: str, tmp: str, num_workers: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])

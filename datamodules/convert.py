@@ -213,12 +213,12 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.convert",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m datamodules.convert",
                                      description="Convert datasets to webdataset shards.")
     sub = parser.add_subparsers(dest="format", required=True)
-    llava = sub.add_parser("llava", help="LLaVA / ShareGPT4V conversation JSON")
+    llava = sub.add_parser("llava", help="LLaVA / ShareGPT4V conversation JSON", allow_abbrev=False)
     llava.add_argument("--json", required=True, help="a JSON list of records, or JSON Lines (.jsonl)")
-    folder = sub.add_parser("folder", help="x.jpg + x.txt caption pairs")
+    folder = sub.add_parser("folder", help="x.jpg + x.txt caption pairs", allow_abbrev=False)
     for command in (llava, folder):
         command.add_argument("--images", required=True, help="folder the records' image paths are relative to")
         command.add_argument("--out", required=True, help="new (or empty) folder for the shards")

@@ -317,7 +317,7 @@ def _at_least_one(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """CLI; a mistake (a count under 1, bad sides, an output folder that already holds files) is one parser
     error and exit status 2, before anything is written."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--n", type=_at_least_one, required=True, help="samples to write")
     parser.add_argument("--out", required=True, help="a new or empty folder")

@@ -20,9 +20,11 @@ from llava_uhd.vision.resize import POLICIES
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava_uhd.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.convert",
+                                description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    rel = sub.add_parser("release", help="a LLaVA-format release folder -> a save_pretrained folder")
+    rel = sub.add_parser("release", help="a LLaVA-format release folder -> a save_pretrained folder",
+                         allow_abbrev=False)
     rel.add_argument("--src", required=True, help="the release folder (config.json model_type llava_qwen)")
     rel.add_argument("--out", required=True, help="where to write our model folder (must not exist or be empty)")
     rel.add_argument("--resize-policy", choices=POLICIES, default="release",

@@ -39,7 +39,8 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava_uhd.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.generate",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder: save_pretrained / convert output, or a release")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes")

@@ -117,6 +117,7 @@ def test_encoder_bench_writes_the_roofline_beside_its_plot(tmp_path, capsys):
         (["pack", "--model", TINY, "--device", "cuda:0"], "no CUDA device"),
         (["roofline", "--repeats", "0"], "--repeats and --threads must be >= 1"),
         (["roofline", "--resolution", "big"], "invalid int value"),
+        (["pack", "--repeat", "3"], "unrecognized arguments: --repeat 3"),  # no abbreviation of --repeats
     ],
 )
 def test_bad_input_is_one_clear_message(args, message, capsys, tmp_path):

@@ -22,12 +22,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava_uhd.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.bench",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     modules = {}
     argv = sys.argv[1:] if argv is None else argv
     for name, (module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, allow_abbrev=False)
         if argv and argv[0] == name:  # import only the chosen command (others may pull heavy dependencies)
             modules[name] = importlib.import_module(module)
             modules[name].add_arguments(sub)

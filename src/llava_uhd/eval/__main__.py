@@ -35,10 +35,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_uhd.eval",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.eval",
                                      description="Benchmarks from local VLMEvalKit TSV files: run, score, table.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="answer every benchmark row with a model, then score")
+    run = sub.add_parser("run", help="answer every benchmark row with a model, then score", allow_abbrev=False)
     run.add_argument("--model", required=True, help="model folder (LlavaUHD.from_pretrained)")
     run.add_argument("--data", required=True, action="append", help="benchmark TSV (repeatable)")
     run.add_argument("--out", required=True, help="output folder for predictions and scores")
@@ -51,15 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="cast the model's weights (default: as saved)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    score = sub.add_parser("score", help="score a predictions file (no model)")
+    score = sub.add_parser("score", help="score a predictions file (no model)", allow_abbrev=False)
     score.add_argument("--data", required=True, help="benchmark TSV")
     score.add_argument("--predictions", required=True, help="predictions JSONL (index, prediction)")
     score.add_argument("--kind", choices=KINDS, default=None)
     score.add_argument("--out", default=None, help="output folder (default: the predictions file's folder)")
-    table = sub.add_parser("table", help="results table across benchmarks and runs")
+    table = sub.add_parser("table", help="results table across benchmarks and runs", allow_abbrev=False)
     table.add_argument("runs", nargs="+", help="folders holding a scores.json")
     table.add_argument("--out", default=None, help="where results.md/.csv/.png go (default: the first folder)")
-    tiny = sub.add_parser("tiny", help="write a tiny random model and two small drawn benchmark TSVs")
+    tiny = sub.add_parser("tiny", help="write a tiny random model and two small drawn benchmark TSVs",
+                          allow_abbrev=False)
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--rows", type=_positive, default=64, help="rows per benchmark file")
     return parser

@@ -13,7 +13,7 @@ from .report import encoder_report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m llava_uhd.vision", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.vision", description=__doc__)
     parser.add_argument("--model", default="vit_uhd_so400m_patch10_siglip", help="timm name (vit_uhd_* or vit_gne_*)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[1024], help="side, or height width")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or meta (meta: no memory, no --time)")

@@ -41,7 +41,8 @@ def __getattr__(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """The old command line: ``--pack`` picks ``bench pack``, otherwise ``bench roofline``."""
-    parser = argparse.ArgumentParser(prog="python -m llava_uhd.vision.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.vision.bench",
+                                     description=__doc__.split("\n")[0])
     add_encoder_options(parser, out="runs/bench")
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--pack", action="store_true", help="packing benchmark: one by one vs packed vs mask")
