@@ -171,6 +171,12 @@ def parser_message(text: str) -> str:
     if unknown:
         path.append(unknown.group(1))
         problem = "no such setting (a typo? `python src/main.py fit --help` lists them)"
+    # The section's own "Given value" holds the whole key below it (``lr.vit`` of ``--model.lr.vit abc``):
+    # name the key itself, not just the mapping that holds it
+    outer = [re.match(r"Given value: NestedArg\(key='([^']+)'", line.strip()) for line in lines]
+    outer = [m.group(1) for m in outer if m]
+    if outer and not unknown:
+        path = [head.group(1), *outer[-1].split(".")]
     return f"{'.'.join(path)}: {problem}"
 
 

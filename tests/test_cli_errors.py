@@ -90,7 +90,7 @@ def test_a_wrong_type_in_a_setting_is_a_parser_error(data, capsys):
     (["--trainer.max_step", "3"], "config error: unrecognized arguments: --trainer.max_step 3"),
     (["--model.projector", "mpl"], "config error: model.projector: Expected a typing.Literal['mlp', 'merger']. "
                                    "Got value: mpl"),
-    (["--model.lr.vit", "abc"], "config error: model.lr: Expected a <class 'float'>. Got value: abc"),
+    (["--model.lr.vit", "abc"], "config error: model.lr.vit: Expected a <class 'float'>. Got value: abc"),
     (["--model.wtc_layers", "4"], "config error: model.wtc_layers: Expected a <class 'list'>. Got value: 4"),
 ])
 def test_a_typo_or_wrong_type_in_a_model_or_data_setting_is_one_line(data, capsys, extra, expected):
