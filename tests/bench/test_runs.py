@@ -2,12 +2,14 @@
 
 import subprocess
 
+from llava_uhd.bench import runs
 from llava_uhd.bench.runs import (
     ROOT,
     RunJob,
     code_version,
     config_hash,
     job_dict,
+    launch_fit,
     merge,
     resolved_settings,
     reuse_decision,
@@ -83,3 +85,23 @@ def test_code_version_sees_commits_and_uncommitted_changes(tmp_path):
     (tmp_path / "notes.md").write_text("docs do not count\n")
     assert code_version(tmp_path) == dirty
     assert code_version(tmp_path / "src" / "missing")["commit"] == "unknown"
+
+
+def test_a_run_trained_again_starts_from_an_empty_folder(tmp_path, monkeypatch):
+    """An interrupted run's TensorBoard events left in the folder would mix into the new run's loss curve."""
+    the_job = job(tmp_path)
+    run_dir = tmp_path / "runs" / "pvc" / "seed3"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "events.out.tfevents.1.old").write_text("half a run")
+    (run_dir / "checkpoints" / "last.ckpt").write_text("stale")
+    seen = {}
+
+    def fake_fit(command, **kwargs):
+        seen["files"] = sorted(p.name for p in run_dir.rglob("*"))
+        (run_dir / "events.out.tfevents.2.new").write_text("this run")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(runs.subprocess, "run", fake_fit)
+    launch_fit(the_job)
+    assert seen["files"] == ["fit.log", "fit_command.json"]  # only what this launch wrote
+    assert sorted(p.name for p in run_dir.iterdir()) == ["events.out.tfevents.2.new", "fit.log", "fit_command.json"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -148,8 +149,11 @@ def read_record(run_dir: Path) -> dict | None:
 
 def launch_fit(job: RunJob) -> None:
     """Train ``job`` with the training app in a child process (``job.threads`` threads); raises RunError on
-    failure, naming the log."""
+    failure, naming the log. What an earlier, interrupted or refused run left in the run folder is removed first:
+    its TensorBoard events would otherwise mix into this run's loss curve."""
     run_dir = Path(job.run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if job.threads:
