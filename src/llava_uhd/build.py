@@ -1,6 +1,7 @@
 """The :class:`LlavaUHD` a training stage starts from, built from the stage's flat ``model.*`` settings.
 
-Two ways in (DESIGN.md: "start from these weights" is not "resume this run"):
+Two ways in ("start from these weights" is not "resume this run": docs/design.md, "Stages, parts and
+freezing"):
 
 - ``llm`` empty and ``init_from`` a model folder (ours or the LLaVA-format release): the folder gives the whole
   model, architecture, weights and tokenizer (``configs/release.yaml``);
@@ -17,10 +18,9 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -43,27 +43,45 @@ ENCODER_OVERRIDES = ("patch_size", "wtc_layers", "wtc_pooling", "pos_embed_init"
 
 @dataclass
 class ModelSettings:
-    """The stage's model settings, one field per flat ``model.*`` key (documented on ``UHDModule``)."""
+    """The stage module's model settings, each a flat ``model.<field>`` key of the training CLI.
+
+    This is the one place they are declared: ``UHDModule`` takes them as ``**model_settings`` and the CLI reads
+    their types and help from here.
+
+    Args:
+        encoder: timm name of the vision encoder (``vit_uhd_*``, ``vit_gne_*`` or ``vit_sbe_*``).
+        encoder_weights: local base ViT weights (timm / open_clip / HF file); RPE is applied at load.
+        patch_size: RPE patch size override.
+        wtc_layers: 1-based blocks after which a 2x2 WTC runs (override).
+        wtc_pooling: WTC pooling kind (override).
+        pos_embed_init: pos-embed initialisation of a from-scratch encoder (override; tiny models: ``sincos``).
+        projector: ``mlp`` (16x total: the released model's) or ``merger`` (64x total).
+        llm: local causal-LM directory, or a config dict (random weights; tiny runs).
+        tokenizer: tokenizer directory (default: the LLM's directory).
+        llm_dtype: LLM weight dtype at load, e.g. ``bfloat16``.
+        vision_markers: wrap image tokens in <|vision_start|>/<|vision_end|> in prompts.
+        resize_policy: image resize rule, ``default`` (ours) or ``release`` (the released model's); None: the
+            model folder's (``init_from`` with ``llm`` empty), else ``default``. Saved with the exported model.
+        init_from: weights to start from (a previous stage's ``.ckpt`` or exported folder); not a resume.
+            With ``llm`` empty: a model folder (ours or a release) giving architecture, weights and tokenizer.
+        reinit_wtc_gate: after loading, re-initialise every content-adaptive WTC gate (W1 random, W2 and b2
+            zero): exact average pooling with a live gradient. The release's gates are all zero and never train.
+    """
 
     encoder: str = "vit_uhd_so400m_patch10_siglip"
     encoder_weights: str | None = None
     patch_size: int | None = None
-    wtc_layers: Sequence[int] | None = None
-    wtc_pooling: str | None = None
-    pos_embed_init: str | None = None
-    projector: str = "mlp"
+    wtc_layers: list[int] | None = None
+    wtc_pooling: Literal["avg", "content_adaptive", "pixel_unshuffle"] | None = None
+    pos_embed_init: Literal["random", "sincos"] | None = None
+    projector: Literal["mlp", "merger"] = "mlp"
     llm: str | dict[str, Any] = ""
     tokenizer: str | None = None
     llm_dtype: str | None = None
     vision_markers: bool = False
-    resize_policy: str | None = None
+    resize_policy: Literal["default", "release"] | None = None
     init_from: str | None = None
     reinit_wtc_gate: bool = False
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
-        """The settings among ``values`` (a module's ``hparams``, which also hold optimiser and eval settings)."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def encoder_kwargs(self) -> dict[str, Any]:
         """``timm.create_model`` keyword arguments: the weights file and the overrides that are set."""

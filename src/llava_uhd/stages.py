@@ -1,4 +1,4 @@
-"""The three LLaVA-UHD v3 training stages as one LightningModule base (DESIGN.md section 3).
+"""The three LLaVA-UHD v3 training stages as one LightningModule base (docs/design.md, "Stages, parts and freezing").
 
 A stage differs from another only in which parts train, which loss terms it uses and its learning rates:
 
@@ -9,24 +9,23 @@ A stage differs from another only in which parts train, which loss terms it uses
 | 3 SFT | :class:`SFT` | everything | |
 
 Parts are named ``patch_embed`` (patch kernel + pos-embed), ``wtc``, ``vit`` (the rest of the encoder),
-``projector`` and ``llm``. Freezing is done by ``callbacks.PreAlignmentFreeze`` from :attr:`frozen_parts`,
+``projector`` and ``llm``. Freezing is done by ``callbacks.StageFreeze`` from :attr:`frozen_parts`,
 before any strategy wraps the model. ``init_from`` loads weights only (a Lightning ``.ckpt`` or an exported
 model folder); resuming a run is the CLI's ``--ckpt_path``. With ``llm`` left empty, ``init_from`` names a model
 folder (ours or the LLaVA-format release) that gives the whole model: architecture, weights and tokenizer
 (``configs/release.yaml``).
 
 The module is handed its parts: the model comes from :func:`llava_uhd.build.build_model`, the distillation
-teacher from :mod:`llava_uhd.distill`, non-finite step skipping from :mod:`llava_uhd.nonfinite`, and the scores
-of generated answers from :mod:`llava_uhd.eval.generation`.
+teacher from :mod:`llava_uhd.distill`, non-finite step skipping from :mod:`llava_uhd.nonfinite`, generated answers
+from :mod:`llava_uhd.eval.generation` and their scores from :class:`llava_uhd.metrics.GenerationScores`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import warnings
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -34,8 +33,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from .build import ModelSettings, build_model, fully_shard_model, load_weights, reinit_wtc_gates
-from .distill import build_teacher, distill_forward, distill_loss
+from .build import ModelSettings, build_model, fully_shard_model
+from .distill import build_teacher, distill_forward
 from .errors import SettingsError
 from .eval.generation import answer_samples
 from .metrics import GenerationScores
@@ -44,33 +43,6 @@ from .nonfinite import NonFiniteSkip
 log = logging.getLogger(__name__)
 
 PARTS = ("patch_embed", "wtc", "vit", "projector", "llm")
-Pooling = Literal["avg", "content_adaptive", "pixel_unshuffle"]
-MOVED = {"build_llava_uhd": "llava_uhd.build", "read_weights": "llava_uhd.build", "check_llm_keys": "llava_uhd.build"}
-"""Names that moved out of this module; the old import keeps working for one release, with a warning."""
-
-
-def moved(old: str, new: str) -> None:
-    """The one deprecation message for a name that moved."""
-    warnings.warn(f"{old} moved to {new}; the old name is removed in the next release", DeprecationWarning,
-                  stacklevel=3)
-
-
-def moved_method(function: Callable[..., Any]) -> Callable[..., Any]:
-    """A module method that became ``function(module.model, ...)`` in :mod:`llava_uhd.build`, kept for a release."""
-    def method(self: UHDModule, *args: Any, **kwargs: Any) -> Any:
-        moved(f"UHDModule.{function.__name__}()", f"llava_uhd.build.{function.__name__}(module.model, ...)")
-        return function(self.model, *args, **kwargs)
-
-    method.__name__ = function.__name__
-    method.__doc__ = f"Deprecated: ``llava_uhd.build.{function.__name__}(module.model, ...)``."
-    return method
-
-
-def __getattr__(name: str) -> Any:
-    if name in MOVED:
-        moved(f"llava_uhd.stages.{name}", f"{MOVED[name]}.{name}")
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def part_of(name: str) -> str:
@@ -108,7 +80,7 @@ def part_param_groups(
     (``<part>/no_decay`` holds the others).
 
     Not ``timm.optim.param_groups_weight_decay``: it leaves out tensors that do not require a gradient (a part
-    ``PreAlignmentFreeze`` unfreezes later must be in the optimizer from the start), it groups one module (a
+    ``StageFreeze`` unfreezes later must be in the optimizer from the start), it groups one module (a
     part is a set of names across modules), and at weight decay 0 it makes one group where this makes two, so
     the learning-rate curves would be renamed."""
     named = list(named)
@@ -139,20 +111,6 @@ class UHDModule(L.LightningModule):
 
     def __init__(
         self,
-        encoder: str = "vit_uhd_so400m_patch10_siglip",
-        encoder_weights: str | None = None,
-        patch_size: int | None = None,
-        wtc_layers: list[int] | None = None,
-        wtc_pooling: Pooling | None = None,
-        pos_embed_init: Literal["random", "sincos"] | None = None,
-        projector: Literal["mlp", "merger"] = "mlp",
-        llm: str | dict[str, Any] = "",
-        tokenizer: str | None = None,
-        llm_dtype: str | None = None,
-        vision_markers: bool = False,
-        resize_policy: Literal["default", "release"] | None = None,
-        init_from: str | None = None,
-        reinit_wtc_gate: bool = False,
         trainable: list[str] | None = None,
         lr: dict[str, float] | None = None,
         weight_decay: float = 0.0,
@@ -165,26 +123,10 @@ class UHDModule(L.LightningModule):
         num_beams: int = 1,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        **model_settings: Any,
     ) -> None:
         """
         Args:
-            encoder: timm name of the vision encoder (``vit_uhd_*``, ``vit_gne_*`` or ``vit_sbe_*``).
-            encoder_weights: local base ViT weights (timm / open_clip / HF file); RPE is applied at load.
-            patch_size: RPE patch size override.
-            wtc_layers: 1-based blocks after which a 2x2 WTC runs (override).
-            wtc_pooling: WTC pooling kind (override).
-            pos_embed_init: pos-embed initialisation of a from-scratch encoder (override; tiny models: ``sincos``).
-            projector: ``mlp`` (16x total: the released model's) or ``merger`` (64x total).
-            llm: local causal-LM directory, or a config dict (random weights; tiny runs).
-            tokenizer: tokenizer directory (default: the LLM's directory).
-            llm_dtype: LLM weight dtype at load, e.g. ``bfloat16``.
-            vision_markers: wrap image tokens in <|vision_start|>/<|vision_end|> in prompts.
-            resize_policy: image resize rule, ``default`` (ours) or ``release`` (the released model's); None: the
-                model folder's (``init_from`` with ``llm`` empty), else ``default``. Saved with the exported model.
-            init_from: weights to start from (a previous stage's ``.ckpt`` or exported folder); not a resume.
-                With ``llm`` empty: a model folder (ours or a release) giving architecture, weights and tokenizer.
-            reinit_wtc_gate: after loading, re-initialise every content-adaptive WTC gate (W1 random, W2 and b2
-                zero): exact average pooling with a live gradient. The release's gates are all zero and never train.
             trainable: parts to train (default: the stage's); the others are frozen.
             lr: learning rate per part (merged over the stage's defaults).
             weight_decay: AdamW weight decay, applied to tensors with 2+ dims only.
@@ -199,11 +141,16 @@ class UHDModule(L.LightningModule):
                 per-part parameter groups, whose ``lr`` (``model.lr``) and ``weight_decay`` win over its own.
             lr_scheduler: the schedule (``class_path`` + ``init_args``, stepped every optimizer step; default:
                 linear warm-up for ``warmup_ratio`` of the steps, then cosine decay to 0).
+            model_settings: the model, one flat key per field of :class:`llava_uhd.build.ModelSettings`
+                (``encoder``, ``wtc_pooling``, ``llm``, ``init_from``, ...), declared and documented there; the CLI
+                reads them from it, so ``--model.wtc_pooling avg`` is one override.
         """
         super().__init__()
+        settings = ModelSettings(**model_settings)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # callables: checkpoints hold plain data
+        self.hparams.update(asdict(settings))  # every model key, defaults included, as the CLI would pass them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.model = build_model(ModelSettings.from_mapping(self.hparams))
+        self.model = build_model(settings)
         self.trainable_parts = tuple(trainable if trainable is not None else self.default_trainable)
         unknown = set(self.trainable_parts) - set(PARTS)
         if unknown:
@@ -213,7 +160,7 @@ class UHDModule(L.LightningModule):
         if max_new_tokens < 1:
             raise SettingsError(f"model.max_new_tokens: at least 1, got {max_new_tokens}")
         self.lrs = {**self.default_lr, **check_learning_rates(lr)}
-        self.teacher = build_teacher(self.model, encoder) if distill_weight > 0 else None
+        self.teacher = build_teacher(self.model, settings.encoder) if distill_weight > 0 else None
         if gradient_checkpointing:
             self.model.encoder.set_grad_checkpointing(True)
             self.model.llm.gradient_checkpointing_enable()
@@ -240,18 +187,10 @@ class UHDModule(L.LightningModule):
         checks should ignore that backward's (zero) gradients."""
         return self.nonfinite.pending
 
-    reinit_wtc_gates = moved_method(reinit_wtc_gates)  # deprecated: build.reinit_wtc_gates(module.model)
-    load_weights = moved_method(load_weights)  # deprecated: build.load_weights(module.model, path)
-
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "bind_model"):
             datamodule.bind_model(self.model)
-
-    def distill_loss(self, student: Any, pixel_values) -> torch.Tensor:
-        """Deprecated: ``llava_uhd.distill.distill_loss(module.teacher, module.model, student, pixel_values)``."""
-        moved("UHDModule.distill_loss()", "llava_uhd.distill.distill_loss(module.teacher, module.model, ...)")
-        return distill_loss(self.teacher, self.model, student, pixel_values)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -327,7 +266,7 @@ class UHDModule(L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        scheduled = getattr(self, "scheduled_parts", ())  # frozen now, unfrozen later by PreAlignmentFreeze
+        scheduled = getattr(self, "scheduled_parts", ())  # frozen now, unfrozen later by StageFreeze
         parts = [p for p in PARTS if p in self.trainable_parts or p in scheduled]
         groups = part_param_groups(self.model.named_parameters(), parts, self.lrs, self.hparams.weight_decay)
         if not groups:
