@@ -3,7 +3,7 @@ skipped-sample report."""
 
 from .data_health import DataSkipReport
 from .export import ExportModel
-from .freeze import PreAlignmentFreeze
+from .freeze import StageFreeze
 from .gate_monitor import WTCGateMonitor
 from .prediction_writer import JSONLPredictionWriter
 from .throughput import ThroughputLogger
@@ -13,7 +13,7 @@ __all__ = [
     "DataSkipReport",
     "ExportModel",
     "JSONLPredictionWriter",
-    "PreAlignmentFreeze",
+    "StageFreeze",
     "ThroughputLogger",
     "WTCGateMonitor",
     "ZeroInitCheck",

@@ -23,7 +23,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def materialize(model: LlavaUHD, state: dict[str, torch.Tensor]) -> LlavaUHD:
+def copy_with_state(model: LlavaUHD, state: dict[str, torch.Tensor]) -> LlavaUHD:
     """A CPU copy of ``model`` holding ``state`` (a full state dict), built on the meta device so the weights
     are never allocated twice; non-persistent buffers (rotary tables, separator ids) are copied over."""
     config = dataclasses.replace(model.config, llm=llm_config_dict(model.llm))
@@ -70,7 +70,7 @@ class ExportModel(L.Callback):
             state = get_model_state_dict(model, options=options)  # a collective: every rank
             state = {k: v.clone() for k, v in state.items()}  # gathered tensors may share storage: safetensors refuses
             if trainer.is_global_zero:
-                materialize(model, state).save_pretrained(path)
+                copy_with_state(model, state).save_pretrained(path)
         elif trainer.is_global_zero:
             model.save_pretrained(path)
         trainer.strategy.barrier("export_model")

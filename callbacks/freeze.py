@@ -1,4 +1,5 @@
-"""Freezing the parts a stage does not train, before any strategy wraps the model (DESIGN.md section 3).
+"""Freezing the parts a stage does not train, before any strategy wraps the model (docs/design.md,
+"Stages, parts and freezing").
 
 Lightning calls a callback's ``setup`` before ``configure_model`` and before DDP / FSDP2 wrap the module, so
 freezing here is seen by every strategy: DDP builds its gradient reducer only for parameters that require
@@ -8,13 +9,13 @@ grad, and FSDP2 shards frozen and trained parameters alike but reduces gradients
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable
 
 import lightning as L
 import torch
 from torch import nn
 
+from llava_uhd.hook_warnings import IgnoreBetweenHooks
 from llava_uhd.stages import PARTS, part_of
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def module_parts(model: nn.Module) -> dict[nn.Module, set[str]]:
     return parts
 
 
-class PreAlignmentFreeze(L.Callback):
+class StageFreeze(L.Callback):
     """Freeze ``pl_module.frozen_parts`` (and the distillation teacher) in ``setup``, optionally unfreezing
     parts later on a step schedule.
 
@@ -49,7 +50,8 @@ class PreAlignmentFreeze(L.Callback):
     ``unfreeze_at[part]`` they get ``requires_grad=True`` and train mode. Under DDP, whose reducer only knows
     the parameters that required grad when it was built, the gradients of unfrozen parts are averaged across
     ranks here before each optimizer step. Trainable and frozen parameter counts (per part, total) go to the
-    log and to the logger as ``params/...`` at fit start.
+    log and to the logger as ``params/...`` at fit start. Lightning's warning at train start about modules in
+    eval mode is silenced from fit start until train start when its count is exactly the modules frozen here.
     """
 
     def __init__(self, unfreeze_at: dict[str, int] | None = None) -> None:
@@ -68,6 +70,7 @@ class PreAlignmentFreeze(L.Callback):
         self.counts: dict[str, dict[str, int]] = {}
         self._eval_modules: list[nn.Module] = []
         self._parts: dict[nn.Module, set[str]] = {}
+        self._quiet = IgnoreBetweenHooks()
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -113,9 +116,12 @@ class PreAlignmentFreeze(L.Callback):
         teacher = getattr(pl_module, "teacher", None)
         if teacher is not None:
             teacher.eval()
+
+    def _eval_module_count(self, pl_module: L.LightningModule) -> int:
+        """How many modules this callback keeps in eval mode (frozen parts and the teacher)."""
+        teacher = getattr(pl_module, "teacher", None)
         ours = {id(m) for m in self._eval_modules} | ({id(m) for m in teacher.modules()} if teacher else set())
-        if ours:  # Lightning warns about modules in eval mode at fit start: these are frozen on purpose
-            warnings.filterwarnings("ignore", message=rf"Found {len(ours)} module\(s\) in eval mode at the start")
+        return len(ours)
 
     def _count(self, pl_module: L.LightningModule) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
@@ -134,6 +140,18 @@ class PreAlignmentFreeze(L.Callback):
         metrics = {f"params/{kind}/{part}": float(n) for part, c in self.counts.items() for kind, n in c.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
+        count = self._eval_module_count(pl_module)
+        if count:  # frozen on purpose: Lightning's check at train start would call them a mistake
+            self._quiet.ignore(rf"Found {count} module\(s\) in eval mode at the start of training")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._quiet.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._quiet.restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._quiet.restore()
 
     # -- training ------------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,10 +1,10 @@
 """Training throughput in the units that matter for a native-resolution MLLM: images, visual tokens, LLM tokens.
 
-Lightning's ``ThroughputMonitor`` (with fabric's ``Throughput``) was the first choice but does not fit:
-it counts one "samples" and one "lengths" quantity (we need three), requires ``samples >= batches`` (a
-text-only batch has zero images) and measures on rank 0 only, scaling by the world size, which assumes
-equal per-rank batches; token-budget buckets give every rank different image and token counts. So this
-callback sums the counts over ranks and divides by the wall time of a window of training steps.
+Lightning's ``ThroughputMonitor`` (with fabric's ``Throughput``) does not fit: it counts one "samples" and one
+"lengths" quantity (we need three), requires ``samples >= batches`` (a text-only batch has zero images) and
+measures on rank 0 only, scaling by the world size, which assumes equal per-rank batches; token-budget buckets
+give every rank different image and token counts. So this callback sums the counts over ranks and divides by
+the wall time of a window of training steps.
 """
 
 from __future__ import annotations

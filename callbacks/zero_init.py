@@ -1,4 +1,4 @@
-"""Zero-init check for content-adaptive WTC (DESIGN.md section 1).
+"""Zero-init check for content-adaptive WTC (docs/design.md, "Windowed token compression (WTC)").
 
 The content-adaptive gate must start as exact average pooling (W2 = 0, b2 = 0) *and* still learn: W1
 keeps its random init, so the gate's gradient is non-zero from the first backward. Zeroing W1 too (as the

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datamodules.datamodule import UHDDataModule
-from datamodules.shards import ShardSetWriter
+from datamodules.writer import ShardSetWriter
 from llava_uhd.profiling import median_ms
 from llava_uhd.tokenizer import build_tiny_tokenizer
 
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--size: at least 64 pixels, got {args.size}")
     if any(w < 0 for w in args.workers):
         parser.error(f"--workers: counts of 0 or more, got {args.workers}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers forked after tokenizer use: no warning
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_shards(f"{tmp}/shards", args.n, args.size)
         build_tiny_tokenizer(f"{tmp}/tok")

@@ -18,8 +18,6 @@ them up in the main process: ``dm.skip_counts`` is the running total per reason.
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,15 +28,15 @@ from datamodules import settings
 from datamodules.batching import Bucketer
 from datamodules.samples import SampleDecoder, SkipCounter
 from datamodules.shards import resolve_shards
-from datamodules.stream import SKIPS_ONLY, ShardStream, StreamLoader
+from datamodules.stream import ShardStream, StreamLoader
 from datamodules.stream_state import STREAM_TAG
 from llava_uhd.errors import SettingsError
+from llava_uhd.hook_warnings import IgnoreBetweenHooks
 from llava_uhd.tokens import ImageTokenCounter
 from llava_uhd.vision.resize import ResolutionPolicy
 
-__all__ = ["SKIPS_ONLY", "ShardStream", "StreamLoader", "UHDDataModule"]
+__all__ = ["UHDDataModule"]
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger(__name__)
 
 
@@ -68,20 +66,8 @@ def stream_loader(
         batches_per_epoch=hp["batches_per_epoch"] if train else hp["eval_batches"],
     )
     workers = hp["num_workers"]
-    # Lightning warns that an IterableDataset's __len__ may be wrong under workers; this one's is the plan of
-    # what each worker yields (the padding and the epoch_overflow cut keep it exact), so the warning is noise.
-    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     return StreamLoader(stream, skips, allow_restart=hp["allow_restart"], num_workers=workers,
                         pin_memory=hp["pin_memory"], persistent_workers=hp["persistent_workers"] and workers > 0)
-
-
-def __getattr__(name: str):
-    """``GridTokens`` (the data module's own counter) is gone: the one counter is ``ImageTokenCounter``."""
-    if name == "GridTokens":
-        warnings.warn("datamodules.GridTokens is deprecated and goes in the next release; use "
-                      "llava_uhd.tokens.ImageTokenCounter(pixels_per_token)", DeprecationWarning, stacklevel=2)
-        return ImageTokenCounter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UHDDataModule(L.LightningDataModule):
@@ -139,7 +125,8 @@ class UHDDataModule(L.LightningDataModule):
         :meth:`prepare_data`). A local path that does not exist is an error, never filled with generated data.
         ``max_skip_fraction``: a training epoch that skips more than this share of its samples fails (the
         counts by reason are in the message), as does one that trains on no sample at all.
-        ``synthetic`` (the earlier dict of per-split generator settings) is gone; only ``null`` is accepted.
+        ``synthetic``: only ``null``; generated data is named in a shard spec (above), and any other value
+        is an error that says so.
         When the module trains with a LightningModule whose model has ``num_image_tokens`` (LlavaUHD), the
         tokenizer, resolution policy and token counter are taken from that model (:meth:`bind_model`).
         ``allow_restart``: resume from a checkpoint whose data stream was saved under other data settings by
@@ -156,6 +143,8 @@ class UHDDataModule(L.LightningDataModule):
         self.counter = SkipCounter()
         self._train_loader: StreamLoader | None = None
         self._stream_state: dict | None = None  # from a checkpoint, for the next training loader
+        self._quiet = IgnoreBetweenHooks()  # Lightning's false alarms about these loaders, during a trainer run
+        self._in_run = False
 
     def bind_model(self, model) -> None:
         """Take tokenizer, resolution policy and image-token counter from a :class:`LlavaUHD`, so that the
@@ -184,6 +173,19 @@ class UHDDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Fail before training on bad settings or shard specs (see :meth:`check_settings`)."""
         self.check_settings(stage, generated=True)
+        # Lightning warns, when it sets up a loader, that an IterableDataset's __len__ may be wrong under
+        # workers; these loaders' is the plan of what each worker yields (the padding and the epoch_overflow cut
+        # keep it exact), so the warning is noise until the run ends (teardown).
+        self._quiet.ignore("Your `IterableDataset` has `__len__` defined")
+        self._in_run = True
+
+    def teardown(self, stage: str) -> None:
+        """The trainer run is over: Lightning's warnings are shown as they come again."""
+        self._in_run = False
+        self._quiet.restore()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.teardown("")
 
     def check_training_data(self, used: int, skipped: dict[str, int]) -> None:
         """Fail a training epoch that used no sample, or skipped more than ``max_skip_fraction`` of them.
@@ -249,8 +251,9 @@ class UHDDataModule(L.LightningDataModule):
         """Lightning calls this on resume, before the first training batch (and before or after the training
         loader is built)."""
         self._stream_state = state.get("train_stream")
-        if self._stream_state is not None:  # Lightning cannot see that this loader resumes mid-epoch: it does
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        if self._stream_state is not None and self._in_run:
+            # Lightning warns that a loader without its own state_dict cannot resume mid-epoch; this one does
+            self._quiet.ignore("You're resuming from a checkpoint that ended before the epoch")
         self._apply_stream_state()
 
     def _apply_stream_state(self) -> None:

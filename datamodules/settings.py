@@ -3,7 +3,8 @@ end-of-epoch check that training really had data.
 
 Functions of the module's hyperparameters (``UHDDataModule.hparams``), so the checks are cheap, need no
 shard to be read, and can run before the trainer writes anything. Every failure is one
-:class:`~llava_uhd.errors.SettingsError` naming the ``data.<setting>``.
+:class:`~llava_uhd.errors.SettingsError` naming the ``data.<setting>`` (a
+:class:`~llava_uhd.errors.DataError` when the data itself fails the end-of-epoch check).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from datamodules.shards import SYNTHETIC_PREFIX, parse_synthetic, replacing_dir, resolve_shards, synthetic_dir
-from llava_uhd.errors import SettingsError
+from datamodules.shards import SYNTHETIC_PREFIX, parse_synthetic, resolve_shards, synthetic_dir
+from datamodules.writer import replacing_dir
+from llava_uhd.errors import DataError, SettingsError
 
 SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -27,7 +29,7 @@ def check_settings(hp: Mapping[str, Any], stage: str, generated: bool = False) -
     """Fail on settings out of range and, for the splits ``stage`` reads, on a shard spec that matches nothing
     or names a missing local shard; ``generated``: also require the ``synthetic:`` specs' shards to exist."""
     if hp["synthetic"] is not None:
-        raise SettingsError("data.synthetic: generated data is now asked for by name in the shard spec, e.g. "
+        raise SettingsError("data.synthetic: generated data is asked for by name in the shard spec, e.g. "
                             "--data.train_shards 'synthetic:shapegrid,n=64,seed=0'; set data.synthetic to null")
     if not 0 <= hp["max_skip_fraction"] <= 1:
         raise SettingsError(f"data.max_skip_fraction: a share between 0 and 1, got {hp['max_skip_fraction']}")
@@ -83,17 +85,18 @@ def generate_synthetic(hp: Mapping[str, Any]) -> None:
 
 
 def check_training_data(hp: Mapping[str, Any], used: int, skipped: dict[str, int]) -> None:
-    """Fail a training epoch that used no sample, or skipped more than ``max_skip_fraction`` of them.
-    ``epoch_overflow`` (surplus batches dropped to keep ranks equal) is not a data fault and not counted."""
+    """Fail a training epoch that used no sample, or skipped more than ``max_skip_fraction`` of them, with a
+    :class:`~llava_uhd.errors.DataError`. ``epoch_overflow`` (surplus batches dropped to keep ranks equal) is not
+    a data fault and not counted."""
     bad = {k: v for k, v in sorted(skipped.items()) if v and k != "epoch_overflow"}
     total = sum(bad.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in bad.items()) or "none"
     spec, limit = hp["train_shards"], hp["max_skip_fraction"]
     if used == 0:
         counted = f"skipped {total}: {reasons}" if total else "the loader delivered no batch to count skips by"
-        raise SettingsError(f"data.train_shards: no usable training sample in {spec!r} ({counted}); nothing "
-                            "was trained")
+        raise DataError(f"data.train_shards: no usable training sample in {spec!r} ({counted}); nothing "
+                        "was trained")
     share = total / (used + total)
     if share > limit:
-        raise SettingsError(f"data.train_shards: {total} of {used + total} samples skipped ({share:.0%} > "
-                            f"data.max_skip_fraction {limit:.0%}): {reasons}")
+        raise DataError(f"data.train_shards: {total} of {used + total} samples skipped ({share:.0%} > "
+                        f"data.max_skip_fraction {limit:.0%}): {reasons}")

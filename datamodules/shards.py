@@ -28,7 +28,8 @@ from urllib.parse import urlparse
 
 import webdataset as wds
 
-from datamodules.writer import INDEX_NAME, SKIPPED_NAME, ShardSetWriter, replacing_dir  # noqa: F401 (re-exported)
+# ShardSetWriter: for llava_uhd.bench.pilot, which imports it from here
+from datamodules.writer import INDEX_NAME, ShardSetWriter  # noqa: F401
 from llava_uhd.errors import SettingsError
 
 log = logging.getLogger(__name__)

@@ -50,10 +50,11 @@ from datamodules.stream_state import (
     MutableSkips,
     Replay,
     Tally,
+    decode_pending,
     gather,
-    materialize,
-    mismatches,
     replay_decode,
+    resume_problems,
+    resume_refusal,
 )
 from llava_uhd.errors import SettingsError
 
@@ -207,7 +208,7 @@ class ShardStream(IterableDataset):
                 self.skips.muted = replay.active
                 continue
             if replayed:  # samples read while replaying may sit in later batches: decode them now
-                batch = materialize(batch, self.decoder, self.skips)
+                batch = decode_pending(batch, self.decoder, self.skips)
                 if not batch:
                     continue
             yield batch
@@ -353,16 +354,10 @@ class StreamLoader(DataLoader):
     def load_stream_state(self, state: dict) -> None:
         """Make the next epoch start where the checkpoint's training stopped; a settings change is an error
         naming the setting (with ``allow_restart``, a warning, and the stream restarts its epoch)."""
-        problems = [] if state.get("version") == STATE_VERSION else [
-            f"ckpt_path: its data stream state has version {state.get('version')!r}, this version reads "
-            f"{STATE_VERSION}"]
-        problems = problems or mismatches(state.get("settings", {}), self.settings)
-        if not problems and len(state["ranks"]) <= self.dataset.rank:
-            problems = [mismatches({"world_size": len(state["ranks"])}, {"world_size": self.dataset.world_size})[0]]
+        problems = resume_problems(state, self.settings, self.dataset.rank, self.dataset.world_size)
         if problems:
             if not self.allow_restart:
-                raise SettingsError(f"{problems[0]}; resume with the checkpoint's data settings, or pass "
-                                    "--data.allow_restart true to restart the epoch's data stream")
+                raise SettingsError(resume_refusal(problems))
             log.warning("resume: %s; data.allow_restart is set, so the data stream restarts its epoch "
                         "(samples before the checkpoint are trained again)", "; ".join(problems))
             self.warned = True

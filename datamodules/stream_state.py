@@ -7,7 +7,8 @@ the loader prefetched it), plus the ids of the samples its decoder skipped on th
 pixel data that replay does not decode). To resume, each worker runs its pipeline again with a light
 decoder (:func:`replay_decode`: image headers only, no pixel decode, no tokenisation), drops the first
 ``batches`` batches, then carries on with the full decoder; samples read during the replay that land in
-later batches (they were in a bucket or mid-batch at the checkpoint) are decoded then (:func:`materialize`).
+later batches (they were in a bucket or mid-batch at the checkpoint) are decoded then
+(:func:`decode_pending`).
 Tar reading and the sample shuffle buffer run as before, so the buffer's content and both random states are
 rebuilt exactly rather than stored: the state stays a few numbers per worker.
 
@@ -107,7 +108,7 @@ def replay_decode(
             skipped_out.append(sample_id(raw))
 
 
-def materialize(batch: list, decoder: SampleDecoder, skips: SkipCounter) -> list:
+def decode_pending(batch: list, decoder: SampleDecoder, skips: SkipCounter) -> list:
     """``batch`` with its :class:`Pending` samples (read during replay, batched after it) decoded for real."""
     out = []
     for sample in batch:
@@ -140,6 +141,37 @@ SETTING_NAMES = {
 }
 
 
+NAMED_SHARDS = 5
+"""Shards named per kind of difference in a refused resume's message; the rest are counted."""
+
+
+def _named(names: list[str]) -> str:
+    more = f" and {len(names) - NAMED_SHARDS} more" if len(names) > NAMED_SHARDS else ""
+    return ", ".join(names[:NAMED_SHARDS]) + more
+
+
+def shard_differences(saved: list | None, current: list | None) -> str:
+    """What differs between two stream settings' ``shards`` lists (``[name, samples]`` each, in stream order):
+    ``"1 added (c.tar), 1 removed (a.tar), 1 changed size (b.tar: 8 -> 6 samples)"``, or the same shards in
+    another order."""
+    was: dict[str, list] = {}
+    now: dict[str, list] = {}
+    for table, shards in ((was, saved or []), (now, current or [])):
+        for name, samples in shards:
+            table.setdefault(str(name), []).append(samples)
+    added, removed, resized = [], [], []
+    for name in dict.fromkeys([*was, *now]):  # first seen order
+        before, after = was.get(name, []), now.get(name, [])
+        common = min(len(before), len(after))
+        added += [name] * (len(after) - common)
+        removed += [name] * (len(before) - common)
+        resized += [f"{name}: {a} -> {b} samples" for a, b in zip(sorted(before[:common], key=str),
+                                                                  sorted(after[:common], key=str)) if a != b]
+    parts = [f"{len(names)} {what} ({_named(names)})" for what, names in
+             (("added", added), ("removed", removed), ("changed size", resized)) if names]
+    return ", ".join(parts) or "the same shards in another order"
+
+
 def mismatches(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between the settings a stream state was saved under and the current ones."""
     out = []
@@ -147,11 +179,28 @@ def mismatches(saved: dict, current: dict) -> list[str]:
         if saved.get(name) != current.get(name):
             was, now = saved.get(name), current.get(name)
             if name == "shards":
-                was, now = f"{len(was or [])} shards", f"{len(now or [])} shards"
-                if was == now:
-                    was, now = "other shard names or sizes", "these"
+                was, now = (f"{len(was or [])} shards",
+                            f"{len(now or [])} shards: {shard_differences(was, now)}")
             out.append(f"{label}: the checkpoint's stream was saved with {was}, this run has {now}")
     return out
+
+
+def resume_problems(state: dict, settings: dict, rank: int, world_size: int) -> list[str]:
+    """Why a loader with ``settings`` (on ``rank`` of ``world_size``) cannot continue the checkpoint's stream
+    ``state``; empty when it can."""
+    if state.get("version") != STATE_VERSION:
+        return [f"ckpt_path: its data stream state has version {state.get('version')!r}, this version reads "
+                f"{STATE_VERSION}"]
+    problems = mismatches(state.get("settings", {}), settings)
+    if not problems and len(state["ranks"]) <= rank:
+        problems = [mismatches({"world_size": len(state["ranks"])}, {"world_size": world_size})[0]]
+    return problems
+
+
+def resume_refusal(problems: list[str]) -> str:
+    """The message of a refused resume: the first problem and the two ways on."""
+    return (f"{problems[0]}; resume with the checkpoint's data settings, or pass --data.allow_restart true to "
+            "restart the epoch's data stream")
 
 
 @dataclass

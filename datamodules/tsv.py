@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batching import collate
 from datamodules.samples import Sample
 from llava_uhd.conversation import IMAGE_PLACEHOLDER, tokenize_conversation
-from llava_uhd.errors import SettingsError
+from llava_uhd.errors import EvalError, SettingsError
 from llava_uhd.eval.prompts import build_prompt
-from llava_uhd.eval.tsv import Benchmark, EvalError, read_benchmark
+from llava_uhd.eval.tsv import Benchmark, read_benchmark
 from llava_uhd.vision.resize import preprocess, upright_size
 
 log = logging.getLogger(__name__)

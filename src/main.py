@@ -8,12 +8,15 @@ name in its own log directory.
 
 A mistake in a setting (a ``SettingsError`` from the library, Lightning's ``MisconfigurationException``, a
 parser error) ends in one ``config error: ...`` message and a non-zero exit, without a traceback; settings
-and shard specs are checked before the trainer creates a log folder.
+and shard specs are checked before the trainer creates a log folder. Training data that fails its check (more
+than ``data.max_skip_fraction`` of an epoch's samples skipped, or none usable: a ``DataError``) ends the same
+way with ``data error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,8 +26,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from datamodules import UHDDataModule
 from llava_uhd.checkpoint_io import UNREADABLE, unreadable_checkpoint
-from llava_uhd.errors import SettingsError
+from llava_uhd.errors import DataError, SettingsError
 from llava_uhd.stages import UHDModule
+
+# The DataLoader workers are forked after this process has used the tokenizer; HF tokenizers would then warn in
+# every worker and turn their thread pool off there. Off from the start: the workers are the parallelism.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIGS / "base.yaml"
@@ -86,8 +93,39 @@ class UHDCLI(LightningCLI):
         if check is not None:
             check(self.subcommand)
 
+    def _check_resume(self) -> None:
+        """Refuse a resume whose data stream cannot go on (other shards or data settings) before the trainer
+        writes anything: Lightning reads the checkpoint's stream state only after it has opened the logger's
+        events file and saved the run's config. The DataModule's own check at restore, on the same loader."""
+        from datamodules.datamodule import stream_loader
+        from datamodules.samples import SkipCounter
+        from datamodules.shards import resolve_shards
+        from datamodules.stream_state import resume_problems, resume_refusal
+
+        dm = self.datamodule
+        if not isinstance(dm, UHDDataModule) or dm.hparams.allow_restart or dm.hparams.train_shards is None:
+            return
+        state = saved_stream_state(self.config[self.subcommand].get("ckpt_path"), type(dm).__qualname__)
+        if state is None:
+            return
+        hp = dm.hparams
+        try:
+            urls = resolve_shards(hp.train_shards, "data.train_shards", hp.synthetic_root, check=False)
+        except SettingsError:  # generated data not made yet (prepare_data does that): checked at restore
+            return
+        model = getattr(self.model, "model", None)
+        if model is not None:
+            dm.bind_model(model)  # as the stage's setup does: the model fixes tokenizer and resolution
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        loader = stream_loader(hp, urls, dm.tokenizer, dm.policy, dm.image_token_fn, SkipCounter(), rank,
+                               world_size, train=True)
+        problems = resume_problems(state, loader.settings, rank, world_size)
+        if problems:
+            raise SettingsError(resume_refusal(problems))
+
     def before_fit(self) -> None:
         self._check_data()
+        self._check_resume()
 
     def before_validate(self) -> None:
         self._check_data()
@@ -113,6 +151,30 @@ def check_ckpt_path(ckpt_path: object) -> None:
         raise SettingsError(f"ckpt_path: no checkpoint file at {path} (or 'last' for the newest run's last.ckpt)")
 
 
+DISTRIBUTED_METADATA = "meta.pt"
+"""The file of an FSDP2 distributed-checkpoint folder holding everything but the tensors (Lightning's name)."""
+
+
+def saved_stream_state(ckpt_path: object, key: str) -> dict | None:
+    """The training stream state a local checkpoint holds under its DataModule's ``key`` (a ``.ckpt`` file, or
+    an FSDP2 checkpoint folder's ``meta.pt``), read memory-mapped (no tensor is loaded); None when there is
+    none, or the file cannot be read (the trainer then names it when it loads the checkpoint)."""
+    import torch
+
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return None
+    path = Path(str(ckpt_path))
+    path = path / DISTRIBUTED_METADATA if path.is_dir() else path
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*UNREADABLE, OSError):
+        return None
+    state = checkpoint.get(key) if isinstance(checkpoint, dict) else None
+    return state.get("train_stream") if isinstance(state, dict) else None
+
+
 def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> UHDCLI:
     """The app; ``exit_on_error=False`` raises a command-line mistake as ``argparse.ArgumentError`` instead of
     printing the whole usage and exiting."""
@@ -131,16 +193,26 @@ def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = 
     )
 
 
-def config_error(err: BaseException) -> str | None:
-    """The message of a settings error (a :class:`SettingsError` or Lightning's ``MisconfigurationException``),
-    wherever it sits in the exception chain; None for anything else (a bug keeps its traceback)."""
+def user_error(err: BaseException) -> tuple[str, str] | None:
+    """``(prefix, message)`` of the user's mistake wherever it sits in the exception chain: ``data error`` for
+    a :class:`DataError` (the training data failed its check), ``config error`` for any other
+    :class:`SettingsError` or Lightning's ``MisconfigurationException``; None for anything else (a bug keeps
+    its traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     while err is not None:
+        if isinstance(err, DataError):
+            return "data error", str(err)
         if isinstance(err, SettingsError | MisconfigurationException):
-            return str(err)
+            return "config error", str(err)
         err = err.__cause__ or err.__context__
     return None
+
+
+def config_error(err: BaseException) -> str | None:
+    """The message of :func:`user_error` (a setting's or the data's), without its prefix."""
+    found = user_error(err)
+    return found[1] if found is not None else None
 
 
 SKIPPED_PARSER_LINES = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value")
@@ -188,10 +260,10 @@ def cli(args: list[str] | None = None) -> None:
         sys.stderr.write(f"config error: {parser_message(str(err))}\n(options: python src/main.py fit --help)\n")
         sys.exit(2)
     except Exception as err:
-        message = config_error(err)
-        if message is None:
+        found = user_error(err)
+        if found is None:
             raise
-        sys.exit(f"config error: {message}")  # a user setting: no traceback
+        sys.exit(f"{found[0]}: {found[1]}")  # a user setting or the data: no traceback
 
 
 if __name__ == "__main__":

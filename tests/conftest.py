@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 from llava_uhd.tokenizer import build_tiny_tokenizer
 
 from .helpers.app import write_app_data
+
+# As in the training app: loader workers forked after tokenizer use would each warn and turn HF tokenizers'
+# thread pool off; the workers are the parallelism.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,12 @@ nothing written where it should not be (no generated data in a typed path, no ch
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from datamodules import ShardSetWriter, write_synthetic
@@ -115,7 +117,9 @@ def test_a_run_on_mostly_broken_data_fails_with_counts_and_shows_skips(data, cap
     spec = f"[{data / 'good' / 'shapegrid-000000.tar'}, {data / 'broken'}]"  # a single .tar works as a spec
     whole_epoch = ["--trainer.max_steps", "-1", "--checkpoint.every_n_train_steps", "1000"]
     message = fails(args_for(data, "--data.train_shards", spec, *whole_epoch), capsys)
-    assert "data.train_shards: 6 of 14 samples skipped (43% > data.max_skip_fraction 10%): corrupt_image: 6" in message
+    # the data is at fault, not a setting: its own prefix
+    assert "data error: data.train_shards: 6 of 14 samples skipped (43% > data.max_skip_fraction 10%): " \
+           "corrupt_image: 6" in message and "config error" not in message
     assert "epoch 0: trained on 8 samples; skipped 6 (corrupt_image: 6)" in message  # on the console too
     # with a checkpoint due mid-epoch (tiny.yaml: every 4 steps), the run fails there instead of saving it
     message = fails(args_for(data, "--data.train_shards", spec, "--trainer.max_steps", "-1"), capsys)
@@ -134,7 +138,7 @@ def test_the_same_run_passes_with_a_looser_skip_share(data, capsys, tmp_path, re
 
 def test_a_run_that_trains_on_nothing_fails_and_leaves_no_checkpoint(data, tmp_path, capsys):
     message = fails(args_for(tmp_path, "--data.train_shards", str(data / "broken")), capsys)
-    assert f"config error: data.train_shards: no usable training sample in '{data / 'broken'}'" in message
+    assert f"data error: data.train_shards: no usable training sample in '{data / 'broken'}'" in message
     assert "epoch 0: trained on 0 samples; skipped 6 (corrupt_image: 6)" in message
     assert not list((tmp_path / "runs").rglob("*.ckpt")) and not list((tmp_path / "runs").rglob("export"))
 
@@ -149,6 +153,36 @@ def test_a_shard_of_images_without_json_names_the_reason(tmp_path, capsys, caplo
     assert "no usable training sample" in message and "(skipped 3: no_text: 3)" in message
     assert "no json or txt member beside jpg" in caplog.text  # the named skip says what is missing
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def files_in(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*")
+            if f.is_file()}
+
+
+def test_a_resume_refused_for_other_shards_names_them_and_writes_nothing(tmp_path, capsys):
+    # before: "other shard names or sizes, this run has these;" naming none, and the refused attempt left a
+    # TensorBoard events file (so train/loss had its resumed step twice) and rewrote config.yaml
+    shards = tmp_path / "shards"
+    write_synthetic("shapegrid", 24, str(shards), seed=0, min_side=64, max_side=128, shard_size=8)
+    common = ["--data.train_shards", str(shards), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"]
+    cli(args_for(tmp_path, *common, "--trainer.max_steps", "4"))  # tiny.yaml: a checkpoint every 4 steps
+    (tmp_path / "kept").mkdir()
+    (shards / "shapegrid-000000.tar").rename(tmp_path / "kept" / "shapegrid-000000.tar")
+    shutil.copy(shards / "shapegrid-000001.tar", shards / "extra-000000.tar")
+    before = files_in(tmp_path / "runs")
+    resume = args_for(tmp_path, *common, "--trainer.max_steps", "8", "--ckpt_path", "last")
+    message = fails(resume, capsys)
+    assert ("config error: data.train_shards: the checkpoint's stream was saved with 3 shards, this run has 3 "
+            "shards: 1 added (extra-000000.tar), 1 removed (shapegrid-000000.tar); resume with") in message
+    assert files_in(tmp_path / "runs") == before  # no events file, no version folder, no checkpoint, same config
+    # the checkpoint's shards again: the same resume goes on from step 4
+    (shards / "extra-000000.tar").unlink()
+    (tmp_path / "kept" / "shapegrid-000000.tar").rename(shards / "shapegrid-000000.tar")
+    cli(resume)
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
 
 
 def test_learning_rate_parts_are_checked():
@@ -214,8 +248,7 @@ def test_a_typo_in_a_config_dict_llm_is_named(data, capsys):
     (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: at least 1, got 0"),
 ])
 def test_negative_or_zero_numbers_are_named(data, tmp_path, capsys, extra, expected):
-    # before: a negative shuffle buffer and zero batches per epoch ran (the latter training nothing, exit 0);
-    # bad resolution limits were a traceback
+    # each bad number stops the run before training with one message naming the setting, no traceback
     message = fails(args_for(tmp_path, *extra), capsys)
     assert expected in message and message.count("config error") == 1
     assert not list((tmp_path / "runs").rglob("*.ckpt"))

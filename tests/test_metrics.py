@@ -143,12 +143,3 @@ def test_heatmap_figure(tmp_path):
     fig.savefig(tmp_path / "cells.png")
     assert (tmp_path / "cells.png").stat().st_size > 0
     assert len(fig.axes[0].texts) == 3
-
-
-def test_generation_scores_moved_to_metrics_and_the_old_import_warns():
-    from llava_uhd import metrics
-    from llava_uhd.eval import generation
-
-    with pytest.warns(DeprecationWarning, match="moved to llava_uhd.metrics.GenerationScores"):
-        old = generation.GenerationScores
-    assert old is metrics.GenerationScores

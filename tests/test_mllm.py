@@ -11,7 +11,7 @@ from datamodules.samples import Sample
 from llava_uhd.conversation import IGNORE_INDEX, tokenize_conversation
 from llava_uhd.generation import warn_past_trained_length
 from llava_uhd.llm import tiny_qwen2_config
-from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig, count_image_tokens, resolution_policy
+from llava_uhd.mllm import LlavaUHD, LlavaUHDConfig
 from llava_uhd.tokenizer import build_tiny_tokenizer
 
 UHD, GNE, SBE = "vit_uhd_tiny_patch10_siglip", "vit_gne_tiny_patch14_siglip", "vit_sbe_tiny_patch14_siglip"
@@ -257,14 +257,6 @@ def test_the_worker_counter_counts_what_the_encoder_emits(tokenizer_dir, encoder
         with torch.no_grad():
             emitted = model.encode_images([pixels]).shape[0]
         assert counter(*pixels.shape[-2:]) == model.num_image_tokens(*pixels.shape[-2:]) == emitted
-
-
-def test_old_count_and_policy_functions_warn_and_still_answer(tokenizer_dir):
-    model = make_model(tokenizer_dir, SBE, "mlp", {"slice_size": 28})
-    with pytest.warns(DeprecationWarning, match="count_image_tokens is deprecated"):
-        assert count_image_tokens(model.encoder, model.projector, 56, 56) == 24
-    with pytest.warns(DeprecationWarning, match="resolution_policy is deprecated"):
-        assert resolution_policy(model.encoder, model.projector) == model.policy
 
 
 def test_generation_past_the_llm_length_warns_and_within_it_does_not(tokenizer_dir, caplog):

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from llava_uhd.errors import SettingsError
 from llava_uhd.profiling import PeakMemory, count_flops, elapsed_ms, machine_name, mark, median_ms, pick_device
 
 
@@ -32,10 +33,11 @@ def test_peak_memory_sees_a_block_that_allocated_and_freed_64_mib():
 def test_pick_device_defaults_and_errors():
     assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
     assert pick_device("cpu", "bfloat16")[1] == torch.bfloat16
-    with pytest.raises(ValueError, match="--device cpuu: not a device name"):
+    assert pick_device("auto")[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SettingsError, match="--device cpuu: not a device name"):
         pick_device("cpuu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+        with pytest.raises(SettingsError, match="--device cuda: no CUDA device"):
             pick_device("cuda")
     assert "torch threads" in machine_name("cpu")
 

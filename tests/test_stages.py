@@ -1,11 +1,11 @@
 """Stage module wiring that the callback and CLI tests do not cover: parts, the data module's binding, reading
-``init_from`` weights, and the names that moved to ``llava_uhd.build``."""
+``init_from`` weights, and re-initialising the WTC gates."""
 
 import pytest
 import torch
 
 from datamodules import UHDDataModule, write_synthetic
-from llava_uhd.build import read_weights
+from llava_uhd.build import read_weights, reinit_wtc_gates
 from llava_uhd.errors import MissingFileError, SettingsError
 from llava_uhd.stages import PARTS, SFT, part_of
 
@@ -63,20 +63,12 @@ def test_init_from_weights_are_read_without_unpickling_and_bad_files_are_named(t
         read_weights(tmp_path / "missing.ckpt")
 
 
-def test_names_that_moved_keep_working_with_a_deprecation_warning(shards):
-    import llava_uhd.build as build
-    import llava_uhd.stages as stages
-
-    with pytest.warns(DeprecationWarning, match="llava_uhd.stages.read_weights moved to llava_uhd.build"):
-        assert stages.read_weights is build.read_weights
-    with pytest.raises(AttributeError):
-        stages.no_such_name  # noqa: B018
+def test_reinit_wtc_gates_resets_every_content_adaptive_gate(shards):
     module = SFT(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32}, tokenizer=str(shards / "tok"))
     gate = module.model.encoder.wtc["2"].fc2.weight
     gate.data.fill_(1.0)
-    with pytest.warns(DeprecationWarning, match="UHDModule.reinit_wtc_gates"):
-        assert module.reinit_wtc_gates() == ["encoder.wtc.2", "encoder.wtc.4"]
-    assert not gate.any()  # the method still does its job
+    assert reinit_wtc_gates(module.model) == ["encoder.wtc.2", "encoder.wtc.4"]
+    assert not gate.any()  # W2 back to zero: exact average pooling
 
 
 def test_an_optimizer_and_schedule_handed_in_get_the_per_part_groups(shards):

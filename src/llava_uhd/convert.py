@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_uhd.errors import ReleaseError
 from llava_uhd.vision.resize import POLICIES
 
 
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
 def convert_release(src: str | Path, out: str | Path, resize_policy: str = "release", overwrite: bool = False):
     """Write ``src`` (a release folder) as our model folder ``out``; returns the model and its load report."""
     from llava_uhd.mllm import LlavaUHD
-    from llava_uhd.release import ReleaseError, is_release_folder
+    from llava_uhd.release import is_release_folder
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -63,8 +64,6 @@ def convert_release(src: str | Path, out: str | Path, resize_policy: str = "rele
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llava_uhd.release import ReleaseError
-
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

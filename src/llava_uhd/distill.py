@@ -1,4 +1,4 @@
-"""Stage 1's optional feature distillation (DESIGN.md section 3).
+"""Stage 1's optional feature distillation (docs/design.md, "Stage-1 distillation").
 
 Inserting WTC perturbs the pretrained ViT's features; pre-alignment can pull them back towards what the
 uncompressed ViT computes. The teacher is a frozen copy of the encoder without WTC; its tokens are

@@ -21,11 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llava_uhd.errors import ReleaseError, SettingsError, UsageError
 from llava_uhd.vision.resize import POLICIES
-
-
-class UsageError(Exception):
-    """Bad input named in one message; the command exits with status 1."""
 
 
 def _positive(text: str) -> int:
@@ -72,7 +69,6 @@ def open_images(paths: list[str]) -> list:
 
 def load_model(path: str, resize_policy: str | None):
     from llava_uhd.mllm import LlavaUHD
-    from llava_uhd.release import ReleaseError
 
     folder = Path(path)
     if not folder.is_dir():
@@ -83,27 +79,15 @@ def load_model(path: str, resize_policy: str | None):
         raise UsageError(f"--model: cannot load {path}: {err}") from err
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here")
-    return device
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TextStreamer
+
+    from llava_uhd.profiling import pick_device
 
     if not args.prompt.strip():
         raise UsageError("--prompt: empty; ask a question")
     images = open_images(args.image)
-    device = pick_device(args.device)
+    device, _ = pick_device(args.device)
     model = load_model(args.model, args.resize_policy).to(device).eval()
     stream = sys.stdout.isatty() and not args.json and args.num_beams == 1
     extra = {"streamer": TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)} if stream else {}
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except UsageError as err:
+    except SettingsError as err:  # UsageError and the --device check's own SettingsError
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -16,20 +16,34 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from llava_uhd.profiling import synchronize
-
-if TYPE_CHECKING:
-    from llava_uhd.mllm import LlavaUHD
 
 log = logging.getLogger(__name__)
 
 Images = Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None
+
+
+class GeneratingModel(Protocol):
+    """What the loop needs of a model (:class:`llava_uhd.mllm.LlavaUHD`, which imports this module)."""
+
+    llm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+
+    def build_prompt_ids(self, prompt: str | list[dict], image_sizes: list[tuple[int, int]]) -> list[int]: ...
+
+    def run_encoder(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> Any: ...
+
+    def project(self, encoder_out: Any) -> torch.Tensor: ...
+
+    def splice(self, input_ids: torch.Tensor, visual: torch.Tensor | None, sizes: list) -> torch.Tensor: ...
 
 
 @dataclass
@@ -67,7 +81,7 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def as_pixel_list(model: LlavaUHD, images: Images) -> list[torch.Tensor]:
+def as_pixel_list(model: GeneratingModel, images: Images) -> list[torch.Tensor]:
     """One image, several or none -> a list of [3, H, W] (PIL images preprocessed; tensors as they are)."""
     if images is None:
         return []
@@ -76,7 +90,7 @@ def as_pixel_list(model: LlavaUHD, images: Images) -> list[torch.Tensor]:
     return [model.preprocess(im) if isinstance(im, Image.Image) else im for im in images]
 
 
-def warn_past_trained_length(model: LlavaUHD, prompt_tokens: int, max_new_tokens: int) -> bool:
+def warn_past_trained_length(model: GeneratingModel, prompt_tokens: int, max_new_tokens: int) -> bool:
     """Log a warning (and return True) when prompt + ``max_new_tokens`` can run past the LLM's
     ``max_position_embeddings``: answers there are unreliable, yet nothing fails."""
     limit = getattr(model.llm.config, "max_position_embeddings", None)
@@ -90,7 +104,7 @@ def warn_past_trained_length(model: LlavaUHD, prompt_tokens: int, max_new_tokens
 
 
 def generate(
-    model: LlavaUHD, images: Images, prompt: str | list[dict], max_new_tokens: int = 64, num_beams: int = 1,
+    model: GeneratingModel, images: Images, prompt: str | list[dict], max_new_tokens: int = 64, num_beams: int = 1,
     use_cache: bool = True, **generate_kwargs: Any,
 ) -> GenerationResult:
     """See :meth:`llava_uhd.mllm.LlavaUHD.generate` (run under ``torch.no_grad`` there)."""
@@ -143,7 +157,7 @@ def generate(
 
 
 def greedy_uncached(
-    model: LlavaUHD, embeds: torch.Tensor, max_new_tokens: int, eos: int, clock: StepClock
+    model: GeneratingModel, embeds: torch.Tensor, max_new_tokens: int, eos: int, clock: StepClock
 ) -> list[int]:
     """Greedy decoding that re-reads the whole sequence every step: the reference the KV-cache path is tested
     against."""

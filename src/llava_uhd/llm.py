@@ -9,7 +9,6 @@ Two sources, nothing fetched from a hub:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +58,6 @@ def llm_config_from(config: dict[str, Any]) -> PretrainedConfig:
     if model_type is None:
         raise ValueError("an LLM config dict needs a 'model_type' (e.g. 'qwen2')")
     return AutoConfig.for_model(model_type, **config)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "_llm_config":  # the name used before it was public; goes in the next release
-        warnings.warn("llava_uhd.llm._llm_config is now llava_uhd.llm.llm_config_from", DeprecationWarning,
-                      stacklevel=2)
-        return llm_config_from
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_llm(

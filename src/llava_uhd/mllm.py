@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +37,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm models)
 from llava_uhd import generation, release
+from llava_uhd.errors import ReleaseError
 from llava_uhd.generation import GenerationResult
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.projector import build_projector
-from llava_uhd.tokens import ImageTokenCounter, TokenCountingEncoder
+from llava_uhd.tokens import ImageTokenCounter
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
 from llava_uhd.vision.resize import POLICIES, ReleaseResolutionPolicy, ResolutionPolicy, normalize, preprocess
 
-__all__ = ["GenerationResult", "ImageTokenCounter", "LlavaUHD", "LlavaUHDConfig", "assign_weights",
-           "count_image_tokens", "is_sliced", "resolution_policy"]
+__all__ = ["LlavaUHD", "LlavaUHDConfig", "assign_weights", "is_sliced"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -101,26 +100,6 @@ class LlavaUHDConfig:
 def is_sliced(encoder: nn.Module) -> bool:
     """The SBE: its views are joined by separator embeddings, the one place the model treats it apart."""
     return isinstance(encoder, slicing.SliceEncoder)
-
-
-def count_image_tokens(encoder: TokenCountingEncoder, projector: nn.Module, height: int, width: int) -> int:
-    """Deprecated: ``encoder.num_image_tokens(height, width, projector)`` (the interface in llava_uhd.tokens)."""
-    _warn_deprecated("count_image_tokens", "encoder.num_image_tokens")
-    return encoder.num_image_tokens(height, width, projector)
-
-
-def resolution_policy(
-    encoder: TokenCountingEncoder, projector: nn.Module, min_pixels: int = 512 * 512, max_pixels: int = 1560 * 1560,
-    max_side: int = 5120, name: str = "default",
-) -> ResolutionPolicy | ReleaseResolutionPolicy | slicing.SliceGridPolicy:
-    """Deprecated: ``encoder.policy(projector, min_pixels, max_pixels, max_side, name)``."""
-    _warn_deprecated("resolution_policy", "encoder.policy")
-    return encoder.policy(projector, min_pixels, max_pixels, max_side, name)
-
-
-def _warn_deprecated(old: str, new: str) -> None:
-    warnings.warn(f"llava_uhd.mllm.{old} is deprecated and goes in the next release; call {new}(...) instead",
-                  DeprecationWarning, stacklevel=3)
 
 
 class LlavaUHD(nn.Module):
@@ -336,7 +315,7 @@ class LlavaUHD(nn.Module):
         try:
             state = load_file(str(model_dir / WEIGHTS_NAME))
         except Exception as err:  # safetensors raises its own error types for a damaged (e.g. truncated) file
-            raise release.ReleaseError(f"{model_dir / WEIGHTS_NAME}: not a readable safetensors file ({err})") from err
+            raise ReleaseError(f"{model_dir / WEIGHTS_NAME}: not a readable safetensors file ({err})") from err
         assign_weights(model, state, model_dir / WEIGHTS_NAME)
         return model
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from llava_uhd.errors import SettingsError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``--dtype`` names of the benchmarks."""
 
@@ -76,17 +78,18 @@ def elapsed_ms(start: float | torch.cuda.Event, stop: float | torch.cuda.Event) 
     return start.elapsed_time(stop)
 
 
-def pick_device(device: str, dtype: str | None = None, threads: int | None = None) -> tuple[torch.device, torch.dtype]:
-    """``--device`` / ``--dtype`` / ``--threads`` of a benchmark: the device (a CUDA request without a GPU and a
-    name torch does not know are one ``ValueError``), the dtype (default fp32 on CPU, bf16 on CUDA)."""
+def pick_device(device: str, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a ``--device`` / ``--dtype`` option asks for, checked before any work: ``auto`` is
+    CUDA when available, else CPU; the dtype defaults to fp32 on CPU, bf16 on CUDA. A name torch does not
+    know and a CUDA request without a GPU are a :class:`SettingsError` naming the option."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:0, ...)") from None
+        raise SettingsError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:0, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here")
-    if threads:
-        torch.set_num_threads(threads)
+        raise SettingsError(f"--device {device}: no CUDA device is available here")
     return dev, DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
 
 

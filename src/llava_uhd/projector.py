@@ -1,4 +1,4 @@
-"""Vision-to-language projectors of LLaVA-UHD v3 (arXiv 2511.21150, DESIGN.md section 1).
+"""Vision-to-language projectors of LLaVA-UHD v3 (arXiv 2511.21150; docs/design.md, "The projector").
 
 The encoder emits one token per ``encoder.reduction`` pixels of side (40 for ViT-UHD: patch 10 and
 two 2x2 WTC steps). The projector maps the encoder width C to the LLM width D:

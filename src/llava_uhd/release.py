@@ -21,9 +21,7 @@ the one weights reader): a pickled checkpoint is refused.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from llava_uhd.errors import ReleaseError
 from llava_uhd.llm import llm_config_dict, llm_config_from, load_tokenizer
 from llava_uhd.vision.weights import read_json, read_weights, shard_files, weights_path
 
@@ -52,10 +51,6 @@ ADDED_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
 """Special tokens the product's prompt building needs and Qwen2-7B-Instruct's tokenizer lacks."""
 
 _warned: set[str] = set()
-
-
-class ReleaseError(ValueError):
-    """A folder that cannot be read as a released LLaVA-UHD v3 model; the message names the file and field."""
 
 
 @dataclass
@@ -300,11 +295,3 @@ def read_release(folder: str | Path, progress: bool = False, **encoder_overrides
     return ReleaseParts(encoder, projector, llm, tokenizer, name, encoder_kwargs, llm_config_dict(llm),
                         str(llm.dtype).removeprefix("torch."), report)
 
-
-def __getattr__(name: str) -> Any:
-    """``load_release`` moved to ``LlavaUHD.from_release`` (kept here, with a DeprecationWarning, for one release)."""
-    if name != "load_release":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("llava_uhd.release.load_release is now llava_uhd.mllm.LlavaUHD.from_release; the old name goes in "
-                  "the next release", DeprecationWarning, stacklevel=2)
-    return importlib.import_module("llava_uhd.mllm").LlavaUHD.from_release

@@ -1,5 +1,5 @@
 """The packing and roofline benchmarks (``bench pack`` / ``bench roofline``) on the tiny encoder: what they
-measure is what they say, bad input ends in one message, and the old ``llava_uhd.vision.bench`` still runs them."""
+measure is what they say, and bad input ends in one message."""
 
 from __future__ import annotations
 
@@ -13,27 +13,27 @@ import torch
 
 from llava_uhd.bench import pack
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.roofline import PARTS, PartTimer, gemm_rate, part_flops, part_of
+from llava_uhd.bench.roofline import TIMED_PARTS, PartTimer, gemm_rate, part_flops, timed_part_of
 
 TINY = "vit_uhd_tiny_patch10_siglip"
 SIZES = [(40, 80), (80, 40), (80, 80)]
 
 
-def test_part_of_names_the_four_parts_and_nothing_else():
-    assert part_of("patch_embed.proj") == "patch_embed"
-    assert part_of("blocks.3.attn") == "attention"
-    assert part_of("blocks.3.mlp") == "mlp"
-    assert part_of("wtc.2") == "wtc"
+def test_timed_part_of_names_the_four_parts_and_nothing_else():
+    assert timed_part_of("patch_embed.proj") == "patch_embed"
+    assert timed_part_of("blocks.3.attn") == "attention"
+    assert timed_part_of("blocks.3.mlp") == "mlp"
+    assert timed_part_of("wtc.2") == "wtc"
     for other in ("blocks.3", "blocks.3.attn.qkv", "blocks.3.norm1", "norm", "wtc.2.gate", "patch_embed"):
-        assert part_of(other) is None
+        assert timed_part_of(other) is None
 
 
 def test_part_flops_add_up_and_packing_adds_no_flops():
     dense = part_flops(TINY, SIZES, dense=True)
     packed = part_flops(TINY, SIZES, dense=False)
     assert dense == packed  # per-image attention: a pack costs exactly the sum of its images
-    assert all(dense[p] > 0 for p in PARTS)
-    assert dense["other"] >= 0 and sum(dense[p] for p in PARTS) + dense["other"] == dense["total"]
+    assert all(dense[p] > 0 for p in TIMED_PARTS)
+    assert dense["other"] >= 0 and sum(dense[p] for p in TIMED_PARTS) + dense["other"] == dense["total"]
     bigger = part_flops(TINY, [(80, 160)])
     assert bigger["attention"] > 2 * part_flops(TINY, [(40, 80)])["attention"]  # quadratic in tokens
 
@@ -44,7 +44,8 @@ def test_block_diagonal_flops_grow_with_the_square_of_the_pack():
     def extra(k):
         packed = part_flops(TINY, [(80, 80)] * k, dense=False)
         masked = part_flops(TINY, [(80, 80)] * k, dense=False, attn_impl="block_diagonal")
-        assert {p: masked[p] for p in PARTS if p != "attention"} == {p: packed[p] for p in PARTS if p != "attention"}
+        others = [p for p in TIMED_PARTS if p != "attention"]
+        assert {p: masked[p] for p in others} == {p: packed[p] for p in others}
         return masked["attention"] - packed["attention"]
 
     assert extra(1) == 0 and extra(2) > 0
@@ -59,7 +60,7 @@ def test_part_timer_times_each_part_inside_the_forward():
         model(torch.randn(1, 3, 80, 80))
         total_ms = (time.perf_counter() - t0) * 1e3
     ms = timer.collect()
-    assert set(ms) == set(PARTS) and all(v > 0 for v in ms.values())
+    assert set(ms) == set(TIMED_PARTS) and all(v > 0 for v in ms.values())
     assert sum(ms.values()) <= total_ms
     timer.remove()
     model(torch.randn(1, 3, 80, 80))
@@ -99,8 +100,8 @@ def test_encoder_bench_writes_the_roofline_beside_its_plot(tmp_path, capsys):
     whole = rows[(TINY, "encoder")]
     assert whole["ms"] == result["rows"][0]["median_ms"] and whole["gflop"] > 0
     assert whole["share_of_gemm"] == pytest.approx(whole["gflops_per_s"] * 1e9 / (result["gemm_gflops_per_s"] * 1e9))
-    assert all(rows[(TINY, p)]["ms"] > 0 for p in PARTS)
-    shares = sum(rows[(TINY, p)]["time_share"] for p in (*PARTS, "other"))
+    assert all(rows[(TINY, p)]["ms"] > 0 for p in TIMED_PARTS)
+    shares = sum(rows[(TINY, p)]["time_share"] for p in (*TIMED_PARTS, "other"))
     assert shares >= 1.0 - 1e-6  # parts + other cover the whole forward (other is clamped at 0)
     assert (tmp_path / "roofline.csv").is_file() and (tmp_path / "roofline.png").stat().st_size > 0
     assert json.loads((tmp_path / "vision_bench.json").read_text())["command"].endswith(str(tmp_path))
@@ -136,32 +137,3 @@ def test_an_out_path_that_is_a_file_stops_before_any_timing(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exit_:
         main(["pack", "--model", TINY, "--out", str(tmp_path / "file")])
     assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
-
-
-def test_the_old_vision_bench_command_runs_the_new_one_and_names_it(tmp_path, capsys):
-    from llava_uhd.vision import bench as old
-
-    assert old.main(["--pack", "--model", TINY, "--sizes", "40x80", "80x40", "--repeats", "1", "--warmup", "0",
-                     "--out", str(tmp_path)]) == 0
-    captured = capsys.readouterr()
-    assert "deprecated" in captured.err and "python -m llava_uhd.bench pack" in captured.err
-    assert "packed / one-by-one" in captured.out
-    result = json.loads((tmp_path / "pack_bench.json").read_text())
-    assert result["command"].startswith("python -m llava_uhd.vision.bench --pack") and result["sizes"] == ["40x80",
-                                                                                                       "80x40"]
-    with pytest.raises(SystemExit) as exit_:
-        old.main(["--repeats", "0", "--out", str(tmp_path)])
-    assert exit_.value.code == 2 and "--repeats and --threads must be >= 1" in capsys.readouterr().err
-
-
-def test_moved_names_still_resolve_with_a_deprecation_warning():
-    from llava_uhd.bench import roofline
-    from llava_uhd.vision import bench as old
-    from llava_uhd.vision import report
-
-    with pytest.warns(DeprecationWarning, match="llava_uhd.bench.pack.measure"):
-        assert old.run_pack is pack.measure
-    with pytest.warns(DeprecationWarning, match="llava_uhd.bench.roofline.PartTimer"):
-        assert report.PartTimer is roofline.PartTimer
-    with pytest.raises(AttributeError):
-        report.not_a_name  # noqa: B018

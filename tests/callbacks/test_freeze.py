@@ -1,10 +1,13 @@
-"""PreAlignmentFreeze: frozen parts stay bit-identical and in eval mode, trained parts all move, unfreezing works."""
+"""StageFreeze: frozen parts stay bit-identical and in eval mode, trained parts all move, unfreezing works."""
+
+import re
+import warnings
 
 import lightning as L
 import pytest
 import torch
 
-from callbacks import PreAlignmentFreeze
+from callbacks import StageFreeze
 from callbacks.freeze import module_parts
 from llava_uhd.stages import SFT, PreAlignment, Pretrain, part_of
 
@@ -46,7 +49,7 @@ def test_frozen_parts_unchanged_trained_parts_all_move(cls, make_module, fit, re
     probe = ModeProbe()
     # dropout > 0 makes the eval-mode claim observable: frozen dropout layers must not drop.
     module.model.llm.config.attention_dropout = 0.1
-    fit(module, [PreAlignmentFreeze(), probe], max_steps=3)
+    fit(module, [StageFreeze(), probe], max_steps=3)
     frozen = set(module.frozen_parts)
     assert frozen == {"PreAlignment": {"vit", "llm"}, "Pretrain": {"llm"}, "SFT": set()}[cls.__name__]
     unchanged, unmoved = [], []
@@ -70,6 +73,9 @@ def test_frozen_parts_unchanged_trained_parts_all_move(cls, make_module, fit, re
         assert probe.teacher_training and not any(probe.teacher_training)
     # parts frozen on purpose are not reported by Lightning as "modules in eval mode" (a false alarm)
     assert not [w for w in recwarn if "in eval mode at the start of training" in str(w.message)]
+    # and the silencing (this callback's, the data module's) ends with the run: no filter is left behind
+    left = [f[1].pattern for f in warnings.filters if f[1] is not None]
+    assert not [p for p in left if re.search("eval mode|IterableDataset", p)]
 
 
 def test_unfreeze_schedule_trains_a_part_from_its_step(make_module, fit):
@@ -82,7 +88,7 @@ def test_unfreeze_schedule_trains_a_part_from_its_step(make_module, fit):
             seen[trainer.global_step] = (snapshot(pl_module), pl_module.model.encoder.blocks[0].training,
                                          pl_module.model.encoder.blocks[0].attn.qkv.weight.requires_grad)
 
-    freeze = PreAlignmentFreeze(unfreeze_at={"vit": 2})
+    freeze = StageFreeze(unfreeze_at={"vit": 2})
     trainer = fit(module, [freeze, AtStep()], max_steps=4)
     assert module.scheduled_parts == ("vit",)
     groups = {g["name"] for g in trainer.optimizers[0].param_groups}
@@ -100,4 +106,4 @@ def test_unfreeze_schedule_trains_a_part_from_its_step(make_module, fit):
 
 def test_unknown_part_is_rejected():
     with pytest.raises(ValueError, match="unknown parts"):
-        PreAlignmentFreeze(unfreeze_at={"decoder": 3})
+        StageFreeze(unfreeze_at={"decoder": 3})

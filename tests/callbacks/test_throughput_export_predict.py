@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks import ExportModel, JSONLPredictionWriter, ThroughputLogger
-from callbacks.export import materialize
+from callbacks.export import copy_with_state
 from callbacks.throughput import batch_counts
 from llava_uhd.mllm import LlavaUHD
 from llava_uhd.stages import PreAlignment, Pretrain
@@ -51,10 +51,10 @@ def test_export_is_loadable_and_the_next_stage_starts_from_it(make_module, fit, 
         assert all(torch.equal(state[k], trained[k]) for k in trained)
 
 
-def test_materialize_rebuilds_from_a_full_state_dict(make_module):
+def test_copy_with_state_rebuilds_from_a_full_state_dict(make_module):
     """The FSDP2 export path (meta-device rebuild + assign), run on a plain model's state dict."""
     model = make_module(PreAlignment).model
-    copy = materialize(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    copy = copy_with_state(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
     assert copy.llm.get_input_embeddings().weight is copy.llm.get_output_embeddings().weight  # ties kept
     for (name, a), (_, b) in zip(model.state_dict(keep_vars=True).items(), copy.state_dict(keep_vars=True).items()):
         assert torch.equal(a, b) and b.device.type == "cpu", name

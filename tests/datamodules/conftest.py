@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from datamodules.shards import ShardSetWriter
+from datamodules.writer import ShardSetWriter
 
 SMALL = dict(pixels_per_token=16, min_pixels=64 * 64, max_pixels=128 * 128, max_side=512, max_length=512,
              num_workers=0, pin_memory=False, sample_shuffle=0)

@@ -10,7 +10,8 @@ import pytest
 from datamodules import convert
 from datamodules.datamodule import UHDDataModule
 from datamodules.samples import SampleDecoder, SampleError, check_sample
-from datamodules.shards import SKIPPED_NAME, resolve_shards, synthetic_dir
+from datamodules.shards import resolve_shards, synthetic_dir
+from datamodules.writer import SKIPPED_NAME
 from llava_uhd.errors import SettingsError
 from llava_uhd.vision.resize import ResolutionPolicy
 
@@ -211,7 +212,7 @@ def test_generated_data_only_when_asked_for_by_name(tmp_path, tokenizer):
         dm.setup("fit")
     dm.setup("validate")
     assert sum(len(b["keys"]) for b in dm.val_dataloader()) == 6
-    with pytest.raises(SettingsError, match="data.synthetic"):  # the old fallback dict is refused by name
+    with pytest.raises(SettingsError, match="data.synthetic"):  # a dict of generator settings is refused by name
         UHDDataModule(train_shards=typo, synthetic={"train": {"task": "shapegrid", "n": 4}}).prepare_data()
 
 

@@ -221,13 +221,3 @@ def test_equalize_tops_up_short_ranks_and_trims_long_ones():
     assert equalize([[2, 2, 1]], 8) == [[3, 3, 2]]
     assert equalize([[5, 1]], 3) == [[2, 1]]
 
-
-def test_the_old_grid_counter_name_warns_and_is_the_one_counter():
-    import datamodules
-    from llava_uhd.tokens import ImageTokenCounter
-
-    with pytest.warns(DeprecationWarning, match="GridTokens is deprecated"):
-        old = datamodules.GridTokens
-    assert old is ImageTokenCounter and old(16)(64, 48) == 12
-    with pytest.raises(AttributeError, match="no attribute 'GridToken'"):
-        datamodules.GridToken  # noqa: B018

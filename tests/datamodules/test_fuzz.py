@@ -7,7 +7,7 @@ import random
 from datamodules import convert
 from datamodules.datamodule import UHDDataModule
 from datamodules.samples import SKIP_REASONS
-from datamodules.shards import SKIPPED_NAME, ShardSetWriter
+from datamodules.writer import SKIPPED_NAME, ShardSetWriter
 
 from .conftest import SMALL, bomb_png, image_bytes
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datamodules.datamodule import UHDDataModule
+from datamodules.stream_state import mismatches, shard_differences
 from datamodules.synthetic import write_synthetic
 from llava_uhd.errors import SettingsError
 
@@ -123,8 +124,22 @@ def test_other_data_settings_are_refused_by_name(shards, tokenizer, change, sett
 def test_other_shards_are_refused(shards, tokenizer):
     first = make(shards, tokenizer)
     consume(first, 2)
-    with pytest.raises(SettingsError, match="^data.train_shards: .*6 shards, this run has 5 shards"):
+    with pytest.raises(SettingsError, match=r"^data.train_shards: .*6 shards, this run has 5 shards: 1 removed "
+                                            r"\(shard-000000.tar\); resume with"):
         make(shards[:1], tokenizer).load_stream_state(first.stream_state())
+
+
+def test_a_refused_resume_names_what_differs_in_the_shards():
+    # before: "other shard names or sizes, this run has these", naming none
+    saved = [["a.tar", 8], ["b.tar", 8], ["c.tar", 8]] + [[f"old{i}.tar", 4] for i in range(7)]
+    current = [["b.tar", 6], ["a.tar", 8], ["d.tar", 8], ["c.tar", 8]]
+    assert shard_differences(saved, current) == (
+        "1 added (d.tar), 7 removed (old0.tar, old1.tar, old2.tar, old3.tar, old4.tar and 2 more), "
+        "1 changed size (b.tar: 8 -> 6 samples)")
+    assert shard_differences(saved[:3], [saved[1], saved[0], saved[2]]) == "the same shards in another order"
+    (message,) = mismatches({"shards": saved[:3]}, {"shards": [["a.tar", 8], ["b.tar", 7], ["c.tar", 8]]})
+    assert message == ("data.train_shards: the checkpoint's stream was saved with 3 shards, this run has 3 shards: "
+                       "1 changed size (b.tar: 8 -> 7 samples)")
 
 
 def test_replay_decodes_no_image_before_the_cut(shards, tokenizer, monkeypatch):

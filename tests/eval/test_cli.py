@@ -49,6 +49,39 @@ def test_score_writes_tables_and_chart(tmp_path, bench, capsys):
     assert (tmp_path / "r" / "results.png").is_file()
 
 
+def test_a_row_without_a_prediction_counts_as_wrong(tmp_path, bench, capsys, caplog):
+    # the missing row is in the total: 2 of 3 rows right, not 2 of 2
+    preds = write_predictions(tmp_path / "p.jsonl", {0: "word0", 1: "word1"})  # row 2 has no prediction
+    assert main(["score", "--data", str(bench), "--predictions", str(preds), "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "TextVQA_VAL: accuracy 66.67 (2/3 rows, 1 without a prediction, counted wrong; 0 unparseable)" in out
+    assert "1 of 3 rows have no prediction" in caplog.text and "each counts as wrong" in caplog.text
+    scores = json.loads((tmp_path / "s" / "scores.json").read_text())["TextVQA_VAL"]
+    assert scores["counts"] == {"rows": 3, "scored": 2, "missing": 1, "unparseable": 0}
+    assert scores["per_category"]["even"] == {"accuracy": pytest.approx(50.0), "count": 2}  # rows 0 and 2
+    assert "3 rows scored, 1 of them without a prediction (counted wrong)" in (
+        tmp_path / "s" / "TextVQA_VAL_scores.md").read_text()
+
+
+def test_the_kind_picked_from_the_file_is_printed(tmp_path, capsys):
+    rows = [{"index": i, "image": b64_image(i), "question": "Which?", "A": "cat", "B": "dog", "answer": "AB"[i % 2]}
+            for i in range(2)]
+    quiz = write_tsv(tmp_path / "my_quiz.tsv", rows)
+    preds = write_predictions(tmp_path / "p.jsonl", {0: "A", 1: "A"})
+    assert main(["score", "--data", str(quiz), "--predictions", str(preds)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("my_quiz: kind mcq (its name is not a known benchmark's and it has option columns A and B; "
+                          "--kind overrides, one of vqa, anls,")
+    assert "my_quiz: accuracy 50.00 (2/2 rows" in out
+    checks = write_tsv(tmp_path / "my_checks.tsv", [{"index": 0, "image": b64_image(0), "question": "Red?",
+                                                      "answer": "yes"}])
+    preds = write_predictions(tmp_path / "y.jsonl", {0: "Yes, it is."})
+    assert main(["score", "--data", str(checks), "--predictions", str(preds), "--kind", "yesno"]) == 0
+    out = capsys.readouterr().out
+    assert "kind" not in out.splitlines()[0]  # given, not picked: nothing to say
+    assert "my_checks: accuracy 100.00 (1/1 rows" in out
+
+
 def test_bad_benchmark_files(tmp_path, capsys):
     missing_column = write_tsv(tmp_path / "ChartQA_TEST.tsv", [{"index": 0, "image": b64_image(0), "answer": "1"}])
     fails(capsys, ["score", "--data", str(missing_column), "--predictions", "x"], "missing column(s) question")

@@ -54,7 +54,8 @@ def test_extract_choice_only_offered_letters():
 
 def test_mmbench_circular(tmp_path):
     # Question 1: four circular copies (options rotated; the answer letter moves with them), all right.
-    # Question 2: two copies, one wrong. Question 3: two copies, only one predicted (right).
+    # Question 2: two copies, one wrong. Question 3: two copies, only one predicted (right): the missing copy
+    # counts as wrong, so question 3 is wrong.
     base = {"question": "Pick the animal.", "category": "attribute"}
     rows = [
         {"index": 1, "image": b64_image(1), "A": "cat", "B": "dog", "C": "bird", "D": "fish", "answer": "B", **base},
@@ -69,9 +70,9 @@ def test_mmbench_circular(tmp_path):
     predictions = {1: "B", 1000001: "A", 2000001: "D", 3000001: "C", 2: "A", 1000002: "A", 3: "B"}
     scores = score(tmp_path, "MMBench_DEV_EN", rows, predictions)
     assert scores["headline"] == "circular_accuracy"
-    assert scores["overall"]["accuracy"] == pytest.approx(100 * 6 / 7)  # 7 predicted rows, 1000002 wrong
-    assert scores["overall"]["circular_accuracy"] == pytest.approx(50.0)  # q1 right, q2 wrong, q3 incomplete
-    assert scores["counts"]["missing"] == 1
+    assert scores["overall"]["accuracy"] == pytest.approx(100 * 6 / 8)  # 8 rows; 1000002 wrong, 1000003 missing
+    assert scores["overall"]["circular_accuracy"] == pytest.approx(100 / 3)  # q1 right, q2 wrong, q3 missing a copy
+    assert scores["counts"] == {"rows": 8, "scored": 7, "missing": 1, "unparseable": 0}
 
 
 def test_textvqa_soft_accuracy(tmp_path):

@@ -6,7 +6,8 @@ import io
 import numpy as np
 import pytest
 
-from llava_uhd.eval.tsv import EvalError, parse_answers, read_benchmark
+from llava_uhd.errors import EvalError
+from llava_uhd.eval.tsv import parse_answers, read_benchmark
 
 from .conftest import b64_image, drawn_image, write_tsv
 

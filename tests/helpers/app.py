@@ -27,7 +27,7 @@ def write_app_data(root: Path) -> Path:
     write_synthetic("shapegrid", 4, str(root / "val"), seed=1, min_side=40, max_side=80)
     build_tiny_tokenizer(str(root / "tokenizer"))
     # base.yaml's freezing callback only: stage 2 keeps its LLM frozen; no export / monitors to pay for
-    (root / "callbacks.yaml").write_text("trainer:\n  callbacks:\n    - class_path: callbacks.PreAlignmentFreeze\n")
+    (root / "callbacks.yaml").write_text("trainer:\n  callbacks:\n    - class_path: callbacks.StageFreeze\n")
     return root
 
 

@@ -91,6 +91,7 @@ def test_bad_inputs_exit_non_zero_with_one_message(tmp_path, our_dir, image_file
         ([*model, "--image", str(image_file), "--prompt", "   "], "--prompt"),
         ([*model, "--image", str(image_file), "--prompt", "x", "--resize-policy", "relase"], "invalid choice"),
         ([*model, "--image", str(image_file), "--prompt", "x", "--devise", "cpu"], "unrecognized arguments"),
+        ([*model, "--image", str(image_file), "--prompt", "x", "--device", "cpuu"], "--device cpuu: not a device name"),
     ]
     for argv, message in cases:
         try:

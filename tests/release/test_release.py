@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from llava_uhd.convert import convert_release
 from llava_uhd.convert import main as convert_main
+from llava_uhd.errors import ReleaseError
 from llava_uhd.llm import llm_config_from
 from llava_uhd.mllm import LlavaUHD
-from llava_uhd.release import ReleaseError, llm_config, read_state
+from llava_uhd.release import llm_config, read_state
 from llava_uhd.vision.resize import ReleaseResolutionPolicy, ResolutionPolicy
 
 from .conftest import write_release
@@ -235,22 +236,7 @@ def test_damaged_release_folders_give_one_clear_error(tmp_path, tokenizer_dir):
         LlavaUHD.from_pretrained(folder)
 
 
-def test_llm_config_helper_is_public_and_its_old_name_warns():
-    import llava_uhd.llm as llm
-
-    with pytest.warns(DeprecationWarning, match="_llm_config is now llava_uhd.llm.llm_config_from"):
-        old = llm._llm_config
-    assert old is llm_config_from
+def test_llm_config_from_builds_the_transformers_config_and_needs_a_model_type():
     assert llm_config_from({"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4}).hidden_size == 32
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         llm_config_from({"hidden_size": 32})
-
-
-def test_the_old_load_release_name_warns_and_is_from_release(release_dir):
-    from llava_uhd import release
-
-    with pytest.warns(DeprecationWarning, match="load_release is now llava_uhd.mllm.LlavaUHD.from_release"):
-        old = release.load_release
-    assert old == LlavaUHD.from_release
-    model = old(release_dir)
-    assert model.config.resize_policy == "release" and model.load_report.projector > 0

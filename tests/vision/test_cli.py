@@ -29,10 +29,11 @@ def test_report_matches_what_the_encoder_emits(capsys):
 
 
 def test_flops_of_the_full_size_gne_encoder_reproduce_the_paper_setting():
-    # DESIGN.md: SO400M/14 without compression at 1022^2 (73x73 tokens) = 7.92 TFLOP, counted on meta.
+    # The paper: SO400M/14 without compression at 1022^2 (73x73 tokens) = 7.92 TFLOP, counted on meta
+    # (docs/model.md, "Token counts").
     assert encoder_flops("vit_gne_so400m_patch14_siglip", 1022, 1022) / 1e12 == pytest.approx(7.92, abs=0.01)
     uhd = encoder_flops("vit_uhd_so400m_patch10_siglip", 1040, 1040) / 1e12
-    assert 4.5 < uhd < 6.0  # "about 5.3" in DESIGN.md
+    assert 4.5 < uhd < 6.0  # 5.42 in docs/model.md, "Token counts"
 
 
 def test_overrides_and_errors_go_through_the_cli():

@@ -1,7 +1,5 @@
-"""The timm registry entries: pretrained configs timm's data helpers read, the checkpoint filter under timm's own
-loader, and the names that moved out of ``vit_uhd`` still importable there (with a DeprecationWarning)."""
-
-import importlib
+"""The timm registry entries: pretrained configs timm's data helpers read, and the checkpoint filter under timm's
+own loader."""
 
 import pytest
 import timm
@@ -11,7 +9,6 @@ from timm.data import resolve_data_config
 from timm.models import load_checkpoint
 
 import llava_uhd.vision  # noqa: F401  (registers the models)
-from llava_uhd.vision import vit_uhd
 from llava_uhd.vision.weights import checkpoint_filter_fn
 
 from ..helpers.vit import timm_reference
@@ -44,30 +41,3 @@ def test_checkpoint_filter_under_timms_load_checkpoint_equals_pretrained_path(tm
     for key, value in ours.items():
         torch.testing.assert_close(value, loaded.state_dict()[key], atol=0, rtol=0, msg=key)
     assert model.patch_embed.proj.weight.shape[-1] == 10  # PI-resized 14 -> 10 by the filter
-
-
-@pytest.mark.parametrize(("name", "home"), [
-    ("create_vit_uhd", "llava_uhd.vision.registry"),
-    ("TINY", "llava_uhd.vision.registry"),
-    ("vit_uhd_tiny_patch10_siglip", "llava_uhd.vision.registry"),
-    ("packed_attention", "llava_uhd.vision.attention"),
-    ("resolve_attn_impl", "llava_uhd.vision.attention"),
-    ("MOONVIT_OPTIONS", "llava_uhd.vision.moonvit"),
-])
-def test_moved_names_still_import_from_vit_uhd_with_a_deprecation_warning(name, home):
-    with pytest.warns(DeprecationWarning, match=f"vit_uhd.{name} moved to {home}.{name}"):
-        old = getattr(vit_uhd, name)
-    assert old is getattr(importlib.import_module(home), name)
-    with pytest.raises(AttributeError, match="no attribute 'create_vit_uhdd'"):
-        vit_uhd.create_vit_uhdd  # noqa: B018
-
-
-@pytest.mark.parametrize("name", ["load_encoder", "encoder_from_state_dict", "architecture_from_checkpoint"])
-def test_encoder_builders_still_import_from_weights_with_a_deprecation_warning(name):
-    from llava_uhd.vision import registry, weights
-
-    with pytest.warns(DeprecationWarning, match=f"weights.{name} moved to llava_uhd.vision.registry.{name}"):
-        old = getattr(weights, name)
-    assert old is getattr(registry, name)
-    with pytest.raises(AttributeError, match="no attribute 'load_encoderr'"):
-        weights.load_encoderr  # noqa: B018

@@ -108,7 +108,8 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 
 def test_one_reader_for_shards_checks_every_tensor_once(tmp_path):
-    from llava_uhd.release import ReleaseError, read_state
+    from llava_uhd.errors import ReleaseError
+    from llava_uhd.release import read_state
     from llava_uhd.vision.weights import read_weights
 
     a, b = {"x": torch.ones(2)}, {"y": torch.zeros(3)}
@@ -138,7 +139,8 @@ def test_pickles_are_read_weights_only_or_refused_where_only_safetensors_are_all
     assert torch.equal(state["pos_embed"], reference.pos_embed)
     with pytest.raises(ValueError, match="pytorch_model.bin: pickled weights are never loaded"):
         read_state_dict(path, pickles=False)
-    from llava_uhd.release import ReleaseError, read_state
+    from llava_uhd.errors import ReleaseError
+    from llava_uhd.release import read_state
 
     with pytest.raises(ReleaseError, match="no model weights in folder .*pickled weights are never loaded"):
         read_state(tmp_path)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import timm
+import torch
 
 import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm models)
 from llava_uhd.profiling import DTYPES
@@ -38,8 +39,8 @@ def encoder_names() -> list[str]:
 
 def checked_run(args: argparse.Namespace, measure: Callable[[], dict], write: Callable[[dict, Path], list[Path]],
                 show: Callable[[dict], None]) -> dict:
-    """Check the shared options, make ``--out``, then measure, write and print; every failure is one
-    ``error: ...`` line and exit status 2 (``args.parser``), never a traceback."""
+    """Check the shared options, apply ``--threads``, make ``--out``, then measure, write and print; every
+    failure is one ``error: ...`` line and exit status 2 (``args.parser``), never a traceback."""
     parser: argparse.ArgumentParser = args.parser
     bad = args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1)
     rule = "--repeats and --threads must be >= 1, --warmup >= 0"
@@ -47,6 +48,8 @@ def checked_run(args: argparse.Namespace, measure: Callable[[], dict], write: Ca
         bad, rule = bad or args.resolution <= 0, rule + ", --resolution > 0"
     if bad:
         parser.error(rule)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:  # before minutes of timing: a results folder that cannot be made is one message now
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

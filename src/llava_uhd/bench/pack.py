@@ -26,9 +26,9 @@ PACK_SIZES = ((400, 600), (600, 400), (480, 480))
 
 
 def measure(model_name: str, sizes: list[tuple[int, int]], repeats: int, warmup: int, device: str, seed: int = 0,
-            dtype: str | None = None, threads: int | None = None) -> dict:
+            dtype: str | None = None) -> dict:
     """(a) one by one, (b) packed, (c) packed with a block-diagonal mask, alternating; medians and ratios."""
-    dev, torch_dtype = pick_device(device, dtype, threads)
+    dev, torch_dtype = pick_device(device, dtype)
     torch.manual_seed(seed)
     model = timm.create_model(model_name).to(dev, torch_dtype).eval()
     for h, w in sizes:
@@ -155,6 +155,6 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or PAIRS[args.shape][0]
     if model not in encoder_names():
         args.parser.error(f"--model: unknown encoder {model!r}; choose from {timm.list_models('vit_[ug]*')}")
-    checked_run(args, lambda: measure(model, args.sizes, args.repeats, args.warmup, args.device, dtype=args.dtype,
-                                      threads=args.threads), write, show)
+    checked_run(args, lambda: measure(model, args.sizes, args.repeats, args.warmup, args.device, dtype=args.dtype),
+                write, show)
     return 0

@@ -27,12 +27,12 @@ from llava_uhd.bench.report import write_csv
 from llava_uhd.profiling import elapsed_ms, mark, median_ms, pick_device, time_ms
 from llava_uhd.vision.report import policy_for
 
-PARTS = ("patch_embed", "attention", "mlp", "wtc")
+TIMED_PARTS = ("patch_embed", "attention", "mlp", "wtc")
 """Encoder parts timed and counted separately; everything else (norms, residual adds, pos-embed, token reorder)
 is reported as ``other``."""
 
 
-def part_of(module_name: str) -> str | None:
+def timed_part_of(module_name: str) -> str | None:
     """The part a (dotted) module name belongs to, or None for a container or a leaf outside every part."""
     parts = module_name.split(".")
     if parts[:2] == ["patch_embed", "proj"] and len(parts) == 2:
@@ -56,34 +56,34 @@ def part_flops(name: str, sizes: list[tuple[int, int]], dense: bool = True, attn
     model.attn_impl = attn_impl  # on the meta device SDPA decomposes into counted matmuls
     inputs = [torch.empty(1, 3, h, w, device="meta") for h, w in sizes] if dense else [
         [torch.empty(3, h, w, device="meta") for h, w in sizes]]
-    out = dict.fromkeys((*PARTS, "total"), 0)
+    out = dict.fromkeys((*TIMED_PARTS, "total"), 0)
     for x in inputs:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
         prefix = type(model).__name__ + "."
         for module, ops in counter.get_flop_counts().items():
-            part = part_of(module.removeprefix(prefix)) if module.startswith(prefix) else None
+            part = timed_part_of(module.removeprefix(prefix)) if module.startswith(prefix) else None
             if part is not None:
                 out[part] += sum(ops.values())
         out["total"] += int(counter.get_total_flops())
-    out["other"] = out["total"] - sum(out[p] for p in PARTS)
+    out["other"] = out["total"] - sum(out[p] for p in TIMED_PARTS)
     return out
 
 
 class PartTimer:
-    """Forward hooks that add up the wall time spent in each part (``PARTS``) while enabled.
+    """Forward hooks that add up the wall time spent in each part (``TIMED_PARTS``) while enabled.
 
     CUDA: a pair of events per call, read once at the end (no synchronisation inside the forward); CPU: the
     clock between the pre-hook and the hook."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.ms = dict.fromkeys(PARTS, 0.0)
+        self.ms = dict.fromkeys(TIMED_PARTS, 0.0)
         self._pending: list[tuple[str, Any, Any]] = []
         self._handles = []
         self._open: dict[int, Any] = {}
         for module_name, module in model.named_modules():
-            part = part_of(module_name)
+            part = timed_part_of(module_name)
             if part is not None:
                 self._handles.append(module.register_forward_pre_hook(self._start))
                 self._handles.append(module.register_forward_hook(partial(self._stop, part)))
@@ -112,7 +112,7 @@ class PartTimer:
     def take(self) -> dict[str, float]:
         """The ms per part since the last ``take`` (collected), and start again from zero."""
         ms = dict(self.collect())
-        self.ms = dict.fromkeys(PARTS, 0.0)
+        self.ms = dict.fromkeys(TIMED_PARTS, 0.0)
         return ms
 
     def remove(self) -> None:
@@ -136,7 +136,7 @@ def roofline_rows(name: str, flops: dict[str, int], whole_ms: float, parts_ms: d
     """Achieved FLOP/s and share of the GEMM rate, whole encoder and per part (medians over the same rounds);
     ``other`` is the time outside every part (norms, residual adds, pos-embed, token reorder)."""
     rows = [{"model": name, "part": "encoder", "gflop": flops["total"] / 1e9, "ms": whole_ms}]
-    for part in PARTS:
+    for part in TIMED_PARTS:
         rows.append({"model": name, "part": part, "gflop": flops[part] / 1e9, "ms": parts_ms[part]})
     rows.append({"model": name, "part": "other", "gflop": flops["other"] / 1e9,
                  "ms": max(whole_ms - sum(parts_ms.values()), 0.0)})
@@ -148,9 +148,9 @@ def roofline_rows(name: str, flops: dict[str, int], whole_ms: float, parts_ms: d
 
 
 def measure(shape: str, resolution: int, repeats: int, warmup: int, device: str, seed: int = 0,
-            dtype: str | None = None, threads: int | None = None, gemm_repeats: int = 3) -> dict:
+            dtype: str | None = None, gemm_repeats: int = 3) -> dict:
     """Time the shape's ViT-UHD / GNE pair and the GEMM in alternating rounds; FLOPs, ratios and roofline."""
-    dev, torch_dtype = pick_device(device, dtype, threads)
+    dev, torch_dtype = pick_device(device, dtype)
     uhd_name, gne_name = PAIRS[shape]
     torch.manual_seed(seed)
     rows, inputs, models, timers = {}, {}, {}, {}
@@ -181,7 +181,7 @@ def measure(shape: str, resolution: int, repeats: int, warmup: int, device: str,
     for name, row in rows.items():
         timers[name].remove()
         row["median_ms"] = statistics.median(row["times_ms"])
-        parts_ms = {p: statistics.median(r[p] for r in parts[name]) for p in PARTS}
+        parts_ms = {p: statistics.median(r[p] for r in parts[name]) for p in TIMED_PARTS}
         roofline += roofline_rows(name, row["part_flops"], row["median_ms"], parts_ms, rate)
     uhd, gne = rows[uhd_name], rows[gne_name]
     flop_ratio = gne["tflops"] / uhd["tflops"]
@@ -230,7 +230,7 @@ def write(result: dict, out: Path) -> list[Path]:
 
     fig = Figure(figsize=(8, 3.4))
     ax = fig.subplots()
-    parts = ["encoder", *PARTS, "other"]
+    parts = ["encoder", *TIMED_PARTS, "other"]
     width = 0.8 / len(result["rows"])
     for i, row in enumerate(result["rows"]):
         mine = {r["part"]: r for r in result["roofline"] if r["model"] == row["model"]}
@@ -275,5 +275,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     checked_run(args, lambda: measure(args.shape, args.resolution, args.repeats, args.warmup, args.device,
-                                      dtype=args.dtype, threads=args.threads), write, show)
+                                      dtype=args.dtype), write, show)
     return 0

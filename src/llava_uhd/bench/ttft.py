@@ -285,9 +285,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Count, time (where the shape is timed), write and print one table per ViT family (and compile mode)."""
     try:
-        device, dtype = pick_device(args.device, args.dtype, args.threads)
+        device, dtype = pick_device(args.device, args.dtype)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if any(r <= 0 for r in args.resolutions):
         raise SystemExit(f"error: --resolutions must be positive, got {args.resolutions}")
     family = args.family or ("both" if device.type == "cuda" else "siglip")

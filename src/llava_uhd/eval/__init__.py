@@ -9,7 +9,9 @@
 - :mod:`.run`: the resumable prediction loop; :mod:`.report`: scores.json, tables, charts.
 """
 
+from llava_uhd.errors import EvalError
+
 from .scoring import KINDS, RowScore, aggregate, score_row
-from .tsv import Benchmark, EvalError, read_benchmark
+from .tsv import Benchmark, read_benchmark
 
 __all__ = ["KINDS", "Benchmark", "EvalError", "RowScore", "aggregate", "read_benchmark", "score_row"]

@@ -6,7 +6,9 @@
     table DIR [DIR ...] [--out DIR]                     results table across benchmarks and runs
     tiny  --out DIR [--rows N]                          a tiny random model + two drawn TSVs, to try and time `run`
 
-Defaults follow the release's evaluation: ``--num-beams 3``, ``--max-new-tokens 512``, batch size 1.
+Defaults follow the release's evaluation: ``--num-beams 3``, ``--max-new-tokens 512``, batch size 1. The kind
+(how a file is prompted and scored) follows the file name, else option columns A and B mean ``mcq``; the picked
+kind is printed, and ``--kind`` overrides it. A row without a prediction counts as wrong, with a warning.
 Bad input ends with one message on stderr and exit status 2.
 """
 
@@ -16,10 +18,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llava_uhd.errors import EvalError
 
 from .run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, predictions_path
 from .scoring import KINDS
-from .tsv import EvalError
+
+if TYPE_CHECKING:
+    from .tsv import Benchmark
 
 log = logging.getLogger("llava_uhd.eval")
 
@@ -54,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score a predictions file (no model)", allow_abbrev=False)
     score.add_argument("--data", required=True, help="benchmark TSV")
     score.add_argument("--predictions", required=True, help="predictions JSONL (index, prediction)")
-    score.add_argument("--kind", choices=KINDS, default=None)
+    score.add_argument("--kind", choices=KINDS, default=None, help="scoring kind (default: from the file name)")
     score.add_argument("--out", default=None, help="output folder (default: the predictions file's folder)")
     table = sub.add_parser("table", help="results table across benchmarks and runs", allow_abbrev=False)
     table.add_argument("runs", nargs="+", help="folders holding a scores.json")
@@ -67,10 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(scores: dict) -> str:
+    """The headline line: ``TextVQA_VAL: accuracy 50.00 (1/2 rows, 1 without a prediction, counted wrong; ...)``."""
     value = scores["overall"][scores["headline"]]
     counts = scores["counts"]
     return (f"{scores['benchmark']}: {scores['headline']} {value:.2f} ({counts['scored']}/{counts['rows']} rows, "
-            f"{counts['unparseable']} unparseable)")
+            f"{counts['missing']} without a prediction, counted wrong; {counts['unparseable']} unparseable)")
+
+
+def _warn_missing(scores: dict, predictions: str | Path) -> None:
+    missing = scores["counts"]["missing"]
+    if missing:
+        log.warning("%s: %d of %d rows have no prediction in %s; each counts as wrong", scores["benchmark"],
+                    missing, scores["counts"]["rows"], predictions)
+
+
+def _say_kind(benchmark: Benchmark) -> None:
+    """Name the kind picked from the file (how it is prompted and scored), and how to pick another."""
+    if benchmark.kind_reason:
+        print(f"{benchmark.name}: kind {benchmark.kind} ({benchmark.kind_reason}; --kind overrides, one of "
+              f"{', '.join(KINDS)})")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -79,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .tsv import read_benchmark
 
     benchmarks = [read_benchmark(path, args.kind) for path in args.data]  # every file checked before loading
+    for benchmark in benchmarks:
+        _say_kind(benchmark)
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvalError(f"two --data files share a name ({', '.join(names)}): predictions would collide")
@@ -106,8 +130,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"{benchmark.name}: {info['answered_now']} answered now, {info['answered_before']} before, "
               f"{info['skipped']} skipped; {info['rows_per_s']} rows/s, {info['generate_share']:.0%} generating")
         if benchmark.has_answers:
-            scores = score_predictions(benchmark, predictions_path(args.out, benchmark.name))
+            predictions = predictions_path(args.out, benchmark.name)
+            scores = score_predictions(benchmark, predictions, limit=args.limit)
             write_scores(scores, args.out)
+            _warn_missing(scores, predictions)
             print(_summary(scores))
         else:
             print(f"{benchmark.name}: not scored (the file has no answer column: a test split)")
@@ -118,8 +144,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .tsv import read_benchmark
 
     benchmark = read_benchmark(args.data, args.kind)
+    _say_kind(benchmark)
     scores = score_predictions(benchmark, args.predictions)
     paths = write_scores(scores, args.out or Path(args.predictions).parent)
+    _warn_missing(scores, args.predictions)
     print(_summary(scores))
     print(f"wrote {', '.join(str(p) for p in paths)}")
 

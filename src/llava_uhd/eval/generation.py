@@ -12,7 +12,6 @@ a data-pipeline batch, and :class:`llava_uhd.metrics.GenerationScores` scores an
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,14 +89,3 @@ def answer_samples(model, batch: dict, max_new_tokens: int, num_beams: int) -> l
         })
     return records
 
-
-def __getattr__(name: str) -> Any:
-    """``GenerationScores`` moved to :mod:`llava_uhd.metrics` (kept here, with a DeprecationWarning, for one
-    release)."""
-    if name != "GenerationScores":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import warnings
-
-    warnings.warn("llava_uhd.eval.generation.GenerationScores moved to llava_uhd.metrics.GenerationScores; the old "
-                  "import goes in the next release", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module("llava_uhd.metrics"), name)

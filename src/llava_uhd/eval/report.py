@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llava_uhd.bench.report import markdown_table
+from llava_uhd.errors import EvalError
 
 from .run import read_predictions
 from .scoring import aggregate, score_row
-from .tsv import Benchmark, EvalError
+from .tsv import Benchmark
 
 SCORES_NAME = "scores.json"
 
@@ -43,14 +44,18 @@ def match_predictions(benchmark: Benchmark, records: Sequence[dict], source: str
     return [(row, str(by_index[row["index"]] or "")) for row in benchmark.rows if row["index"] in by_index]
 
 
-def score_predictions(benchmark: Benchmark, predictions: str | Path) -> dict:
-    """The benchmark's scores (see :func:`llava_uhd.eval.scoring.aggregate`) from a predictions file."""
+def score_predictions(benchmark: Benchmark, predictions: str | Path, limit: int | None = None) -> dict:
+    """The benchmark's scores (see :func:`llava_uhd.eval.scoring.aggregate`) from a predictions file. Every row
+    (the first ``limit``, plus any other row predicted) is in the numbers: one without a prediction counts as
+    wrong, and ``counts["missing"]`` says how many."""
     if not benchmark.has_answers:
         raise EvalError(f"{benchmark.path}: no 'answer' column, nothing to score against (a test split?)")
     pairs = match_predictions(benchmark, read_predictions(predictions), str(predictions))
     if not pairs:
         raise EvalError(f"{predictions}: no predictions to score")
-    return aggregate(benchmark, [(row, score_row(benchmark, row, text)) for row, text in pairs])
+    answered = {row["index"] for row, _ in pairs}
+    missing = [row for row in benchmark.rows[:limit] if row["index"] not in answered]
+    return aggregate(benchmark, [(row, score_row(benchmark, row, text)) for row, text in pairs], missing)
 
 
 def _fmt(value) -> str:
@@ -63,7 +68,7 @@ def score_rows(scores: dict) -> tuple[list[str], list[list]]:
     for values in scores["per_category"].values():
         metrics += [m for m in values if m not in metrics and m != "count"]
     header = ["category", *metrics, "count"]
-    rows = [["overall", *[scores["overall"].get(m, "") for m in metrics], scores["counts"]["scored"]]]
+    rows = [["overall", *[scores["overall"].get(m, "") for m in metrics], scores["counts"]["rows"]]]
     for category, values in scores["per_category"].items():
         rows.append([category, *[values.get(m, "") for m in metrics], values.get("count", "")])
     return header, rows
@@ -76,8 +81,8 @@ def write_scores(scores: dict, out_dir: str | Path) -> list[Path]:
     name = scores["benchmark"]
     header, rows = score_rows(scores)
     counts = scores["counts"]
-    note = (f"{name} ({scores['kind']}): {counts['scored']} of {counts['rows']} rows scored, "
-            f"{counts['missing']} without a prediction, {counts['unparseable']} unparseable answers.\n\n")
+    note = (f"{name} ({scores['kind']}): {counts['rows']} rows scored, {counts['missing']} of them without a "
+            f"prediction (counted wrong), {counts['unparseable']} unparseable answers.\n\n")
     paths = [out_dir / f"{name}_scores.{ext}" for ext in ("json", "md", "csv", "png")]
     paths[0].write_text(json.dumps(scores, indent=2, ensure_ascii=False))
     paths[1].write_text(note + markdown_table(header, rows, _fmt) + "\n")

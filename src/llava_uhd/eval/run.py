@@ -18,9 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_uhd.errors import EvalError
+
 from .generation import generate_batch
 from .prompts import build_prompt
-from .tsv import Benchmark, EvalError
+from .tsv import Benchmark
 
 log = logging.getLogger(__name__)
 

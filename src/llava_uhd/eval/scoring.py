@@ -23,7 +23,9 @@ choice read from the text); :func:`aggregate` turns the rows' scores into the be
 - ``ocrbench``: the answer (lowercased, stripped; for handwritten maths with all spaces removed) is a
   substring of the prediction; the score is the count of hits (1000 points for the full 1000 questions).
 
-Percentages are 0-100; MME and OCRBench use their own points.
+A row without a prediction counts as wrong (VLMEvalKit scores a missing answer as wrong) when the caller
+passes it to :func:`aggregate` as missing, as ``python -m llava_uhd.eval score`` / ``run`` do; it is counted
+apart from unparseable answers. Percentages are 0-100; MME and OCRBench use their own points.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class RowScore:
 
     hit: float
     choice: int = NO_CHOICE
+
+
+MISSING = RowScore(0.0, NO_CHOICE)
+"""The score of a row without a prediction: wrong (and, for POPE, not a "yes"); not counted as unparseable."""
+CHOICE_KINDS = ("mcq", "yesno", "pope", "mme", "hallusion")
+"""Kinds that read a choice (a letter, yes / no) from the text: only their answers can be unparseable."""
 
 
 # -- VQA answer normalisation ---------------------------------------------------------------------------------
@@ -234,11 +242,22 @@ def _category(row: dict[str, str]) -> str:
     return "" if is_missing(value) else value.strip()
 
 
-def aggregate(benchmark: Benchmark, scored: Sequence[tuple[dict[str, str], RowScore]]) -> dict:
-    """Scores of the rows that have a prediction: ``overall`` and ``per_category`` numbers plus counts.
+def aggregate(benchmark: Benchmark, scored: Sequence[tuple[dict[str, str], RowScore]],
+              missing: Sequence[dict[str, str]] | None = None) -> dict:
+    """``overall`` and ``per_category`` numbers plus counts of the ``scored`` rows.
 
+    ``missing``: rows without a prediction; each counts as wrong (:data:`MISSING`, as VLMEvalKit scores a
+    missing answer), so ``counts`` has ``rows`` = scored + missing. Without it (a partial validation pass) the
+    numbers are of the scored rows only and ``counts["missing"]`` is the file's rows not scored.
     Returns ``{"benchmark", "kind", "headline", "overall": {...}, "per_category": {cat: {...}}, "counts"}``.
     """
+    answered = len(scored)
+    unparseable = sum(s.choice == NO_CHOICE for _, s in scored) if benchmark.kind in CHOICE_KINDS else 0
+    if missing is None:
+        rows, missing_count = len(benchmark.rows), len(benchmark.rows) - answered
+    else:
+        scored = [*scored, *((row, MISSING) for row in missing)]
+        rows, missing_count = len(scored), len(missing)
     kind = benchmark.kind
     overall: dict[str, float] = {}
     per_category: dict[str, dict[str, float]] = {}
@@ -274,10 +293,7 @@ def aggregate(benchmark: Benchmark, scored: Sequence[tuple[dict[str, str], RowSc
     for c, items in groups.items():
         if c in per_category:
             per_category[c]["count"] = len(items)
-    unparseable = sum(s.choice == NO_CHOICE for _, s in scored) if kind in ("mcq", "yesno", "pope", "mme",
-                                                                                "hallusion") else 0
-    counts = {"rows": len(benchmark.rows), "scored": len(scored), "missing": len(benchmark.rows) - len(scored),
-              "unparseable": unparseable}
+    counts = {"rows": rows, "scored": answered, "missing": missing_count, "unparseable": unparseable}
     return {"benchmark": benchmark.name, "kind": kind, "headline": headline, "overall": overall,
             "per_category": dict(sorted(per_category.items())), "counts": counts}
 

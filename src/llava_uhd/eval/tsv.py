@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava_uhd.errors import EvalError
 from llava_uhd.vision.resize import to_rgb
 
 MAX_IMAGE_PIXELS = 16384 * 16384
@@ -60,25 +61,26 @@ _NAME_KINDS = (
 )
 
 
-class EvalError(Exception):
-    """Bad benchmark input (file, column, image, prediction): the CLI prints it as one message."""
-
-
 def is_missing(value: str | None) -> bool:
     return value is None or value.strip().lower() in _MISSING
 
 
 def kind_from_name(name: str, columns: list[str] | None = None) -> str | None:
     """The scoring kind VLMEvalKit gives a benchmark of this name (None: unknown name and no options)."""
+    return picked_kind(name, columns)[0]
+
+
+def picked_kind(name: str, columns: list[str] | None = None) -> tuple[str | None, str]:
+    """:func:`kind_from_name` and why: ``("vqa", "its name contains 'textvqa'")``; ``(None, "")`` when unknown."""
     lowered = name.lower()
     if lowered == "mme" or re.match(r"mme[_\-]", lowered) and not lowered.startswith("mme-realworld"):
-        return "mme"
+        return "mme", "its name starts with 'mme'"
     for key, kind in _NAME_KINDS:
         if key in lowered:
-            return kind
+            return kind, f"its name contains {key!r}"
     if columns is not None and "A" in columns and "B" in columns:
-        return "mcq"
-    return None
+        return "mcq", "its name is not a known benchmark's and it has option columns A and B"
+    return None, ""
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Benchmark:
     columns: list[str]
     rows: list[dict[str, str]]
     by_index: dict[str, dict[str, str]] = field(default_factory=dict)
+    kind_reason: str = ""
+    """Why the kind was picked (``its name contains 'textvqa'``); empty when the caller gave the kind."""
 
     def __post_init__(self) -> None:
         self.by_index = {}
@@ -212,8 +216,9 @@ def read_benchmark(path: str | Path, kind: str | None = None) -> Benchmark:
     if not rows:
         raise EvalError(f"{path}: a header and no rows: nothing to answer")
     name = path.stem
+    reason = ""
     if kind is None:
-        kind = kind_from_name(name, header)
+        kind, reason = picked_kind(name, header)
         if kind is None:
             raise EvalError(f"{path}: cannot tell the kind of benchmark {name!r} from its name; "
                             f"pass --kind (one of {', '.join(KINDS)})")
@@ -221,4 +226,4 @@ def read_benchmark(path: str | Path, kind: str | None = None) -> Benchmark:
         raise EvalError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
     if kind == "mcq" and not ("A" in header and "B" in header):
         raise EvalError(f"{path}: multiple-choice benchmark {name!r} has no option columns A and B")
-    return Benchmark(name=name, path=path, kind=kind, columns=header, rows=rows)
+    return Benchmark(name=name, path=path, kind=kind, columns=header, rows=rows, kind_reason=reason)

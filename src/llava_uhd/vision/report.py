@@ -4,8 +4,6 @@ parameters, FLOPs and (optionally) forward time. Used by ``python -m llava_uhd.v
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from typing import Any
 
 import timm
@@ -90,15 +88,3 @@ def encoder_report(
         report["device"] = str(device)
     return report
 
-
-MOVED = {name: "llava_uhd.bench.roofline" for name in ("PARTS", "PartTimer", "gemm_rate", "part_flops", "part_of")}
-"""Roofline pieces that moved to the benchmarks (``python -m llava_uhd.bench roofline``); the old import path
-works for one release with a ``DeprecationWarning``."""
-
-
-def __getattr__(name: str) -> Any:
-    if name in MOVED:
-        warnings.warn(f"llava_uhd.vision.report.{name} moved to {MOVED[name]}.{name}; the old name goes in the "
-                      "next release", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,8 +19,6 @@ The timm names (``vit_uhd_*``, ``vit_gne_*``) are registered in :mod:`llava_uhd.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -374,22 +372,3 @@ class ViTUHD(VisionTransformer):
         matcher["wtc"] = r"^wtc\.(\d+)"
         return matcher
 
-
-# -- names that moved out of this module (kept importable from here, with a DeprecationWarning, for one release)
-_MOVED = {
-    **dict.fromkeys(("varlen_unsupported", "resolve_attn_impl", "packed_attention", "block_diagonal_mask"),
-                    "llava_uhd.vision.attention"),
-    **dict.fromkeys(("SO400M", "TINY", "MOONVIT_SO400M", "MOONVIT_TINY", "create_vit_uhd",
-                     "vit_uhd_so400m_patch10_siglip", "vit_gne_so400m_patch14_siglip", "vit_uhd_tiny_patch10_siglip",
-                     "vit_gne_tiny_patch14_siglip", "vit_uhd_so400m_patch10_moonvit", "vit_gne_so400m_patch14_moonvit",
-                     "vit_uhd_tiny_patch10_moonvit", "vit_gne_tiny_patch14_moonvit"), "llava_uhd.vision.registry"),
-    "MOONVIT_OPTIONS": "llava_uhd.vision.moonvit",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"llava_uhd.vision.vit_uhd.{name} moved to {_MOVED[name]}.{name}; the old import goes in the next "
-                  "release", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(_MOVED[name]), name)

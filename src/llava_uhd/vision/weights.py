@@ -16,11 +16,9 @@ naming the key.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -331,15 +329,3 @@ def load_base_weights(model: torch.nn.Module, path: str | Path) -> LoadReport:
     """Load a base ViT checkpoint (file or folder, any supported layout) into ``model``, a ViTUHD."""
     return load_state(model, normalise_state(*read_checkpoint(path), source=path))
 
-
-_MOVED = ("architecture_from_checkpoint", "encoder_from_state_dict", "load_encoder")
-
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to :mod:`llava_uhd.vision.registry` (kept importable here, with a DeprecationWarning,
-    for one release)."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"llava_uhd.vision.weights.{name} moved to llava_uhd.vision.registry.{name}; the old import goes "
-                  "in the next release", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module("llava_uhd.vision.registry"), name)
