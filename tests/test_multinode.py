@@ -1,6 +1,6 @@
 """Two "nodes" on localhost: ``torchrun --nnodes 2 --node_rank {0,1}`` (one process each, gloo, CPU) runs
 ``src/main.py fit`` with ``--trainer.num_nodes 2``, saves a checkpoint, and a second launch of both nodes resumes
-from it with ``--ckpt_path last``: the multi-machine launch of the README's scale-out section, on one host."""
+from it with ``--ckpt_path last``: the multi-machine launch of docs/scaling.md, on one host."""
 
 from __future__ import annotations
 
