@@ -28,8 +28,7 @@ from urllib.parse import urlparse
 
 import webdataset as wds
 
-# ShardSetWriter: for llava_uhd.bench.pilot, which imports it from here
-from datamodules.writer import INDEX_NAME, ShardSetWriter  # noqa: F401
+from datamodules.writer import INDEX_NAME
 from llava_uhd.errors import SettingsError
 
 log = logging.getLogger(__name__)

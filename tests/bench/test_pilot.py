@@ -2,13 +2,28 @@
 
 import csv
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from datamodules.synthetic import PILOT_SHAPE_PAD, SHAPES, cell_box
+from llava_uhd.bench import pilot
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.pilot import PilotData, chance, cut_by_slices, cut_mask, learned_at, loss_curve, pilot_sample
+from llava_uhd.bench.pilot import (
+    MANIFEST,
+    PilotData,
+    chance,
+    cut_by_slices,
+    cut_mask,
+    data_digest,
+    learned_at,
+    loss_curve,
+    pilot_sample,
+    read_samples,
+    write_pilot_data,
+)
 
 
 def tiny_args(tmp_path, *extra):
@@ -174,3 +189,62 @@ def test_learned_at_reads_the_logged_loss_and_needs_a_steady_drop(tmp_path):
     assert learned_at(curve) == 50
     assert learned_at(curve, threshold=0.001) is None
     assert loss_curve(tmp_path / "empty") == []
+
+
+TINY = PilotData(grid=2, min_side=64, max_side=64, train=6, test=3, seed=1)
+
+
+def shard_times(paths):
+    return {split: [p.stat().st_mtime_ns for p in sorted(Path(paths[split]).glob("*.tar"))] for split in paths}
+
+
+def test_pilot_data_is_kept_only_while_spec_generator_and_bytes_match(tmp_path, monkeypatch):
+    root = tmp_path / "where" / "seed1"
+    paths = write_pilot_data(TINY, root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert manifest["spec"]["seed"] == 1 and manifest["generator"] == pilot.generator_digest()
+    assert manifest["hashes"] == data_digest(paths)
+    written = shard_times(paths)
+    assert write_pilot_data(TINY, root) == paths and shard_times(paths) == written  # kept: nothing rewritten
+
+    # the generator's code changed (the settings did not): written again by the current generator
+    monkeypatch.setattr(pilot, "generator_digest", lambda: "changed")
+    write_pilot_data(TINY, root)
+    assert shard_times(paths) != written and json.loads((root / MANIFEST).read_text())["generator"] == "changed"
+    monkeypatch.undo()
+    write_pilot_data(TINY, root)
+    assert json.loads((root / MANIFEST).read_text())["hashes"] == manifest["hashes"]  # the same bytes again
+
+    # other settings: written again, other bytes
+    other = write_pilot_data(PilotData(**{**asdict(TINY), "train": 5}), root)
+    assert data_digest(other)["train"] != manifest["hashes"]["train"]
+    write_pilot_data(TINY, root)
+
+    # shards changed behind the manifest's back (a half-written or edited set): written again
+    shard = next(Path(paths["train"]).glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-2048])
+    assert write_pilot_data(TINY, root) == paths and data_digest(paths) == manifest["hashes"]
+
+
+def test_an_older_layouts_stamp_is_not_trusted(tmp_path):
+    # what the earlier code left: spec.json naming the same spec, beside shards an older generator wrote
+    root = tmp_path / "where" / "seed1"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        (root / split / "pilot-old-000000.tar").write_bytes(b"\0" * 1024)
+    (root / "spec.json").write_text(json.dumps(asdict(TINY)))
+    paths = write_pilot_data(TINY, root)
+    assert not (root / "spec.json").exists() and (root / MANIFEST).is_file()
+    assert not list(Path(paths["train"]).glob("pilot-old-*"))
+    assert data_digest(paths) == data_digest(write_pilot_data(TINY, tmp_path / "fresh"))
+
+
+def test_the_held_out_set_is_scored_from_the_shards_bytes(tmp_path):
+    paths = write_pilot_data(TINY, tmp_path / "data")
+    samples = list(read_samples(Path(paths["test"])))
+    assert len(samples) == TINY.test
+    for i, sample in enumerate(samples):
+        image, question, answer, meta = pilot_sample(i, TINY.seed, TINY, "test")
+        turns = sample["json"]["conversations"]
+        assert (turns[0]["value"], turns[1]["value"], sample["json"]["meta"]) == (question, answer, meta)
+        assert sample["jpg"] == pilot._jpeg(image, TINY.quality)

@@ -1,16 +1,29 @@
-"""Run bookkeeping: config hash, code version, the --reuse decision and the training command of a job."""
+"""Run bookkeeping: config hash, code version, data hash, the --reuse decision, folder locks and the training
+command of a job."""
 
+import io
+import json
+import os
 import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
 
 from llava_uhd.bench import runs
 from llava_uhd.bench.runs import (
     ROOT,
+    FolderBusy,
     RunJob,
     code_version,
     config_hash,
+    folder_digest,
+    hold,
     job_dict,
     launch_fit,
     merge,
+    platform_info,
     resolved_settings,
     reuse_decision,
 )
@@ -53,18 +66,52 @@ def test_fit_args_seed_the_run_and_log_into_its_folder(tmp_path):
     assert job_dict(inside)["configs"] == ["configs/tiny.yaml"] and job_dict(inside)["seed"] == 3
 
 
-def test_reuse_is_refused_when_commit_diff_or_config_hash_differ():
+def test_reuse_is_refused_unless_the_run_is_complete_and_everything_matches():
     version = {"commit": "a" * 40, "dirty": False, "diff_sha": ""}
-    record = {"commit": "a" * 40, "diff_sha": "", "config_hash": "h1"}
-    assert reuse_decision(record, version, "h1")[0]
-    ok, why = reuse_decision({**record, "commit": "b" * 40}, version, "h1")
+    expected = {"config_hash": "h1", "steps": 7, "data_hash": "d1", "tokenizer_hash": "t1", "platform_hash": "p1",
+                "export_sha": "e1"}
+    record = {"commit": "a" * 40, "diff_sha": "", "complete": True, "trained_steps": 7, **expected}
+    ok, why = reuse_decision(record, version, expected)
+    assert ok and "config hash" in why and "data hash" in why and "platform hash" in why
+    ok, why = reuse_decision({**record, "commit": "b" * 40}, version, expected)
     assert not ok and "commit" in why
-    ok, why = reuse_decision(record, version, "h2")
-    assert not ok and "config hash" in why and "h1" in why and "h2" in why
-    ok, why = reuse_decision(record, {**version, "dirty": True, "diff_sha": "d1"}, "h1")
+    ok, why = reuse_decision(record, {**version, "dirty": True, "diff_sha": "d1"}, expected)
     assert not ok and "uncommitted" in why
-    assert not reuse_decision(None, version, "h1")[0]
-    assert not reuse_decision(record, {"commit": "unknown", "dirty": True, "diff_sha": "unknown"}, "h1")[0]
+    for key, label in runs.REUSE_KEYS.items():  # each one alone refuses, and is named with both values
+        ok, why = reuse_decision(record, version, {**expected, key: "other"})
+        assert not ok and label in why and str(record[key]) in why and "other" in why, key
+    # an interrupted run (its final checkpoint short of the steps asked for), or an old record without the fields
+    ok, why = reuse_decision({**record, "trained_steps": 5, "complete": False}, version, expected)
+    assert not ok and "not complete" in why and "step 5 of 7" in why
+    assert not reuse_decision({k: v for k, v in record.items() if k != "complete"}, version, expected)[0]
+    assert not reuse_decision(None, version, expected)[0]
+    assert not reuse_decision(record, {"commit": "unknown", "dirty": True, "diff_sha": "unknown"}, expected)[0]
+
+
+def test_folder_digest_counts_what_a_reader_gets(tmp_path):
+    def shard(folder, mtime, payload=b"abc"):
+        folder.mkdir()
+        with tarfile.open(folder / "s-000000.tar", "w") as tar:
+            info = tarfile.TarInfo("k0.jpg")
+            info.size, info.mtime = len(payload), mtime
+            tar.addfile(info, io.BytesIO(payload))
+        (folder / "index.json").write_text('{"shards": 1}')
+        return folder_digest(folder)
+
+    first = shard(tmp_path / "a", mtime=1)
+    assert shard(tmp_path / "b", mtime=2) == first  # written at another time: the same bytes to read
+    assert shard(tmp_path / "c", mtime=1, payload=b"abd") != first  # one byte of an image
+    (tmp_path / "a" / "extra.tar").write_bytes((tmp_path / "a" / "s-000000.tar").read_bytes())
+    assert folder_digest(tmp_path / "a") != first  # a shard dropped beside the set is read too
+    with pytest.raises(OSError):
+        folder_digest(tmp_path / "missing")
+
+
+def test_platform_names_what_float_results_depend_on():
+    info = platform_info()
+    for key in ("cpu", "cpu_flags", "torch_cpu_capability", "torch", "numpy", "pillow"):
+        assert key in info, key
+    assert json.loads(json.dumps(info)) == info and config_hash(info) == config_hash(platform_info())
 
 
 def test_code_version_sees_commits_and_uncommitted_changes(tmp_path):
@@ -84,6 +131,12 @@ def test_code_version_sees_commits_and_uncommitted_changes(tmp_path):
     assert dirty["commit"] == clean["commit"] and dirty["dirty"] and dirty["diff_sha"]
     (tmp_path / "notes.md").write_text("docs do not count\n")
     assert code_version(tmp_path) == dirty
+    # a new file under the code paths that git does not track counts, by its bytes
+    (tmp_path / "src" / "new.py").write_text("y = 1\n")
+    untracked = code_version(tmp_path)
+    assert untracked["dirty"] and untracked["diff_sha"] not in ("", dirty["diff_sha"])
+    (tmp_path / "src" / "new.py").write_text("y = 2\n")
+    assert code_version(tmp_path)["diff_sha"] != untracked["diff_sha"]
     assert code_version(tmp_path / "src" / "missing")["commit"] == "unknown"
 
 
@@ -105,3 +158,52 @@ def test_a_run_trained_again_starts_from_an_empty_folder(tmp_path, monkeypatch):
     launch_fit(the_job)
     assert seen["files"] == ["fit.log", "fit_command.json"]  # only what this launch wrote
     assert sorted(p.name for p in run_dir.iterdir()) == ["events.out.tfevents.2.new", "fit.log", "fit_command.json"]
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from llava_uhd.bench.runs import hold
+    with hold(sys.argv[1], "data folder"):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_folder_held_by_a_live_process_is_refused_with_one_message(tmp_path):
+    folder = tmp_path / "data" / "where" / "seed0"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy) as busy:
+            with hold(folder, "data folder"):
+                pass
+        message = str(busy.value)
+        assert "\n" not in message and f"data folder {folder} is in use by process {holder.pid}" in message
+        assert "--data" in message and "--runs" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone: the lock it left is taken over, with a note naming it
+    lock = tmp_path / "data" / "where" / "seed0.lock"
+    assert json.loads(lock.read_text())["pid"] == holder.pid
+    with hold(folder, "data folder"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()  # released: nothing left behind
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
+    folder = tmp_path / "runs" / "pvc" / "seed0"
+    lock = tmp_path / "runs" / "pvc" / "seed0.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": 999999, "host": "h", "since": 0, "command": ["bench", "pilot"]}))
+    with hold(folder, "run folder") as held:
+        assert held == folder
+        err = capsys.readouterr().err
+        assert "taking over the lock left by process 999999" in err and "no longer running" in err
+        # the same folder cannot be held twice, not even by one process
+        with pytest.raises(FolderBusy, match=f"process {os.getpid()}"):
+            with hold(folder, "run folder"):
+                pass
+    assert not lock.exists()
+    with hold(folder, "run folder"):
+        assert capsys.readouterr().err == ""  # a lock released normally leaves no note for the next one

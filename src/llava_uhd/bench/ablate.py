@@ -3,10 +3,11 @@
 ``python -m llava_uhd.bench ablate --set pooling|placement|patch|all [--seeds 3] [--jobs 2] [--steps N]``
 trains the pilot's PVC model (``configs/pilot/pvc.yaml``: tiny ViT-UHD + mlp projector + tiny Qwen2, stage
 3) once per overlay of the chosen set (``configs/ablations/<name>.yaml``) and seed, on the pilot's
-fixed-layout ShapeGrid data (``llava_uhd.bench.pilot``: seeds, ``--task``, ``--reuse`` and ``--jobs`` work
-as there), and tabulates held-out exact-match accuracy (mean and std over seeds) against cost:
-encoder FLOPs at the pilot image size (``llava_uhd.vision.report.encoder_flops``, counted on the meta
-device), visual tokens reaching the LLM, and training wall time.
+fixed-layout ShapeGrid data (``llava_uhd.bench.pilot``: seeds, ``--task``, ``--reuse``, ``--jobs``, the data
+manifest, the run records and the folder locks work as there), and tabulates held-out exact-match accuracy
+(mean and std over seeds) against cost: encoder FLOPs at the pilot image size
+(``llava_uhd.vision.report.encoder_flops``, counted on the meta device), visual tokens reaching the LLM, and
+training wall time.
 
 Sets (tiny ViT: 6 blocks; the paper's SO400M has 27 with WTC after blocks 4 and 18):
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -81,21 +83,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         for task in args.tasks:
-            data = prepare(args, task)
-            spec = next(iter(data.values()))[0]
-            for set_name in sets:
-                names = [name for name in SETS[set_name] if not args.configs or name in args.configs]
-                if not names:
-                    continue
-                started = time.perf_counter()
-                jobs = make_jobs(args, names, ablation_configs, data, Path(args.runs) / task,
-                                 labels=lambda name, s=set_name: {"set": s}, flops=True)
-                records = run_jobs(jobs, args.reuse, args.jobs)
-                info = {"command": args.command_line, "set": set_name,
-                        "task": task, "steps": args.steps, "seeds": list(data), "jobs": args.jobs,
-                        "threads": args.threads, "data": asdict(spec), "chance": chance(spec),
-                        "total_s": round(time.perf_counter() - started, 1)}
-                write_ablate(Path(args.out), f"ablate_{set_name}_{task}", records, info)
+            with ExitStack() as locks:  # the task's data and run folders, held until its tables are written
+                data = prepare(args, task, locks)
+                spec = next(iter(data.values()))[0]
+                for set_name in sets:
+                    names = [name for name in SETS[set_name] if not args.configs or name in args.configs]
+                    if not names:
+                        continue
+                    started = time.perf_counter()
+                    jobs = make_jobs(args, names, ablation_configs, data, Path(args.runs) / task,
+                                     labels=lambda name, s=set_name: {"set": s}, flops=True)
+                    records = run_jobs(jobs, args.reuse, args.jobs, locks)
+                    info = {"command": args.command_line, "set": set_name,
+                            "task": task, "steps": args.steps, "seeds": list(data), "jobs": args.jobs,
+                            "threads": args.threads, "data": asdict(spec), "chance": chance(spec),
+                            "total_s": round(time.perf_counter() - started, 1)}
+                    write_ablate(Path(args.out), f"ablate_{set_name}_{task}", records, info)
     except (RunError, OSError) as err:
         print(f"bench ablate: {err}", file=sys.stderr)
         return 1

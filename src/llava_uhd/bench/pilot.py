@@ -24,23 +24,39 @@ seeds with a 95 % Wilson interval (``llava_uhd.bench.stats``), and one row per s
 Outputs in ``--out``, per task ``<stem> = pilot_<task>``: ``<stem>.csv`` (one row per arm), ``<stem>_seeds.csv``
 (one per run), ``<stem>_cells.csv`` (per cell, pooled over seeds), ``<stem>.json``, ``<stem>.md``, ``<stem>.png``
 (heatmaps), ``<stem>_spread.png`` (per-seed points, mean +- std, cut/uncut intervals), ``<stem>_loss.png``, and
-``seeds/<stem>/<arm>_seed<s>.json`` (every run: commit, config hash, seed, threads, wall time, scores).
-``learned_at_step`` is the first logged step from which three logged losses in a row stay under 0.05. Trained
-runs stay in ``--runs``; ``--reuse`` re-scores a run instead of training it again only when its recorded code
-version and config hash match the current ones, and says for every run which it did and why.
+``seeds/<stem>/<arm>_seed<s>.json`` (every run: commit, config hash, data, tokenizer and platform hashes, steps
+asked for and trained, seed, threads, wall time, scores). ``learned_at_step`` is the first logged step from
+which three logged losses in a row stay under 0.05. Trained runs stay in ``--runs`` (with ``answers.json``, every
+held-out answer); ``--reuse`` re-scores the final model of a complete earlier run instead of training it again
+only when its record matches the current code version, config hash, steps, data, tokenizer, platform and
+exported model, and says for every run which it did and why.
+
+The generated shards of a task and seed (``--data``/<task>/seed<s>) carry a ``manifest.json``: the data spec,
+a hash of the generator (the source of ``datamodules.synthetic``, the shard writer and the functions here that
+write the shards, with the numpy and Pillow versions) and the hash of the bytes the shards hold. They are
+written again whenever any of these differs from the current ones, so shards made by older code are never
+used. Training reads the shards and so does scoring (the held-out questions and images are read from the
+test shards), and a run's record holds the hash of exactly those bytes, taken before and checked after
+training. A command holds a lock on every data and run folder it uses (``llava_uhd.bench.runs.hold``): a second
+command on the same folders stops with one message naming the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import io
 import json
 import os
 import platform
 import shutil
 import sys
+import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -49,8 +65,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.shards import ShardSetWriter
+import datamodules.synthetic
+import datamodules.writer
 from datamodules.synthetic import PILOT_QUESTIONS, PILOT_SHAPE_PAD, PilotData, pilot_chance, pilot_sample
+from datamodules.writer import ShardSetWriter, replacing_dir
 from llava_uhd.bench.figures import LEARNED_LOSS
 from llava_uhd.bench.runs import (
     ROOT,
@@ -58,12 +76,16 @@ from llava_uhd.bench.runs import (
     RunJob,
     code_version,
     config_hash,
+    folder_digest,
+    hold,
     job_dict,
     launch_fit,
+    platform_info,
     read_record,
     resolved_settings,
     reuse_decision,
     run_pool,
+    sha256_file,
 )
 from llava_uhd.metrics import VQAMetrics, exact_match
 from llava_uhd.vision import ResolutionPolicy, preprocess
@@ -86,31 +108,92 @@ SBE_SLICES = SliceGridPolicy(slice_size=112, max_slices=6)
 chance = pilot_chance
 
 
+MANIFEST = "manifest.json"
+"""In a pilot data folder: the spec, the generator hash and the shards' hashes (see :func:`write_pilot_data`)."""
+
+
 def _jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
+def _write_split(spec: PilotData, split: str, n: int, out: str) -> None:
+    writer = ShardSetWriter(out, 1024, prefix=f"pilot-{split}")
+    for i in tqdm(range(n), desc=f"pilot data {spec.question} seed {spec.seed} {split}", leave=False):
+        image, question, answer, meta = pilot_sample(i, spec.seed, spec, split)
+        record = {"conversations": [{"from": "human", "value": question},
+                                    {"from": "gpt", "value": answer}], "meta": meta}
+        writer.write({"__key__": f"pilot{split}{i:07d}", "jpg": _jpeg(image, spec.quality),
+                      "json": json.dumps(record).encode()}, [(image.height, image.width)])
+    writer.close(task="shapegrid", seed=spec.seed, min_side=spec.min_side, max_side=spec.max_side)
+
+
+def generator_digest() -> str:
+    """sha256 (first 16 hex digits) of what makes the pilot shards' bytes: the source of ``datamodules.synthetic``
+    and ``datamodules.writer``, of the functions here that write the shards, and the numpy and Pillow versions."""
+    import PIL
+
+    digest = hashlib.sha256()
+    for part in (datamodules.synthetic, datamodules.writer, _jpeg, _write_split, write_pilot_data):
+        digest.update(inspect.getsource(part).encode() + b"\0")
+    digest.update(f"numpy {np.__version__}, pillow {PIL.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def data_digest(paths: dict[str, str]) -> dict[str, str]:
+    """``{"train", "test", "data_hash"}``: the hashes of the bytes the train and held-out shards hold (see
+    ``llava_uhd.bench.runs.folder_digest``) and of the two together."""
+    hashes = {split: folder_digest(Path(paths[split])) for split in ("train", "test")}
+    both = hashlib.sha256(f"train {hashes['train']} test {hashes['test']}".encode()).hexdigest()[:16]
+    return {**hashes, "data_hash": both}
+
+
 def write_pilot_data(spec: PilotData, root: Path) -> dict[str, str]:
-    """Train and held-out shards of ``spec`` under ``root`` (regenerated only when ``spec`` changed)."""
-    paths = {"train": root / "train", "test": root / "test"}
-    stamp = root / "spec.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec) and all(p.is_dir() for p in paths.values()):
-        return {k: str(v) for k, v in paths.items()}
+    """Train and held-out shards of ``spec`` under ``root``; kept only when ``root``'s manifest names the same
+    spec and generator (:func:`generator_digest`) and the shards still hold the bytes it names, else written
+    again (each split beside its folder and swapped in, the manifest last)."""
+    root = Path(root)
+    paths = {"train": str(root / "train"), "test": str(root / "test")}
+    manifest, generator = root / MANIFEST, generator_digest()
+    try:
+        kept = json.loads(manifest.read_text())
+        if kept.get("spec") == asdict(spec) and kept.get("generator") == generator:
+            if kept.get("hashes") == data_digest(paths):
+                return paths
+    except (OSError, ValueError):
+        pass
+    manifest.unlink(missing_ok=True)
+    (root / "spec.json").unlink(missing_ok=True)  # an older layout's stamp: it named the spec only
+    root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", spec.train), ("test", spec.test)):
-        if paths[split].exists():
-            shutil.rmtree(paths[split])
-        writer = ShardSetWriter(str(paths[split]), 1024, prefix=f"pilot-{split}")
-        for i in tqdm(range(n), desc=f"pilot data {spec.question} seed {spec.seed} {split}", leave=False):
-            image, question, answer, meta = pilot_sample(i, spec.seed, spec, split)
-            record = {"conversations": [{"from": "human", "value": question},
-                                        {"from": "gpt", "value": answer}], "meta": meta}
-            writer.write({"__key__": f"pilot{split}{i:07d}", "jpg": _jpeg(image, spec.quality),
-                          "json": json.dumps(record).encode()}, [(image.height, image.width)])
-        writer.close(task="shapegrid", seed=spec.seed, min_side=spec.min_side, max_side=spec.max_side)
-    stamp.write_text(json.dumps(asdict(spec)))
-    return {k: str(v) for k, v in paths.items()}
+        with replacing_dir(paths[split], overwrite=True, option="--data") as staging:
+            _write_split(spec, split, n, staging)
+    partial = root / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps({"spec": asdict(spec), "generator": generator, "hashes": data_digest(paths)},
+                                  indent=1))
+    os.replace(partial, manifest)
+    return paths
+
+
+def read_samples(folder: Path) -> Iterator[dict]:
+    """The samples of a shard folder as the shards hold them, in shard and member order: ``{"key": str,
+    "jpg": bytes, "json": dict}`` (what the data module reads; used to score the held-out set)."""
+    shards = sorted(Path(folder).glob("*.tar"))
+    if not shards:
+        raise RunError(f"{folder}: no shards")
+    for shard in shards:
+        sample: dict = {}
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if sample and key != sample["key"]:
+                    yield sample
+                    sample = {}
+                data = tar.extractfile(member).read()
+                sample.update(key=key, **{ext: json.loads(data) if ext == "json" else data})
+        if sample:
+            yield sample
 
 
 def cut_by_slices(meta: dict, policy: SliceGridPolicy = SBE_SLICES) -> bool:
@@ -188,15 +271,17 @@ def cost(model, side: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, spec: PilotData, name: str) -> tuple[VQAMetrics, list[dict]]:
-    """Greedy answers to the held-out questions of ``spec``: the metric and one record per question."""
+def evaluate(model, test_dir: Path, grid: int, name: str) -> tuple[VQAMetrics, list[dict]]:
+    """Greedy answers to the held-out questions in the shards of ``test_dir`` (the bytes the run's data hash
+    names): the metric and one record per question."""
     model.eval()
     policy = data_policy(model)
-    metric = VQAMetrics(tasks=("shapegrid",), max_grid=(spec.grid, spec.grid))
+    metric = VQAMetrics(tasks=("shapegrid",), max_grid=(grid, grid))
     records = []
-    for i in tqdm(range(spec.test), desc=f"pilot eval {name}", leave=False):
-        image, question, answer, meta = pilot_sample(i, spec.seed, spec, "test")
-        image = Image.open(io.BytesIO(_jpeg(image, spec.quality))).convert("RGB")  # what the shards hold
+    for i, sample in enumerate(tqdm(list(read_samples(test_dir)), desc=f"pilot eval {name}", leave=False)):
+        turns, meta = sample["json"]["conversations"], sample["json"]["meta"]
+        question, answer = turns[0]["value"], turns[1]["value"]
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         prediction = model.generate(preprocess(image, policy), question, max_new_tokens=EVAL_TOKENS).text
         metric.update([prediction], [meta])
         records.append({"index": i, "row": meta["row"], "col": meta["col"], "cut": cut_by_slices(meta),
@@ -220,13 +305,24 @@ def score(records: list[dict], grid: int) -> dict:
             "top_answer": top, "top_answer_share": count / max(1, len(records))}
 
 
-def execute(item: tuple[RunJob, bool, dict, dict]) -> dict:
+def trained_steps(run_dir: Path) -> int | None:
+    """The global step of a run's final checkpoint (``checkpoints/last.ckpt``); None when it has none."""
+    try:
+        checkpoint = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
+                                mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception:  # missing, unreadable or not a Lightning checkpoint: no final step to name
+        return None
+
+
+def execute(item: tuple[RunJob, bool, dict, dict, dict]) -> dict:
     """Train (or, when reused, only load) one run and score it; writes and returns its ``result.json`` record.
 
-    ``item``: (job, train, code version, resolved settings), all decided by the parent process."""
+    ``item``: (job, train, code version, resolved settings, provenance: the data, tokenizer and platform hashes
+    and the platform), all decided by the parent process."""
     from llava_uhd.mllm import LlavaUHD
 
-    job, train, version, settings = item
+    job, train, version, settings, found = item
     if job.threads:
         torch.set_num_threads(job.threads)
     run_dir = Path(job.run_dir)
@@ -236,49 +332,91 @@ def execute(item: tuple[RunJob, bool, dict, dict]) -> dict:
             shutil.rmtree(run_dir)  # a fresh log: no stale TensorBoard events mixed into the curve
         launch_fit(job)
         train_s = time.perf_counter() - started
+        steps, previous = trained_steps(run_dir), {}
     else:
-        train_s = read_record(run_dir)["train_s"]
+        previous = read_record(run_dir) or {}
+        train_s, steps = previous["train_s"], previous["trained_steps"]
     export = run_dir / "export"
     if not export.is_dir():
         raise RunError(f"run {job.name} seed {job.seed}: no exported model in {export}")
     model = LlavaUHD.from_pretrained(str(export))
     spec = PilotData(**job.spec)
     eval_start = time.perf_counter()
-    metric, records = evaluate(model, spec, f"{job.name} seed {job.seed}")
+    metric, records = evaluate(model, Path(job.data["test"]), spec.grid, f"{job.name} seed {job.seed}")
     values = metric.compute()
+    data = data_digest(job.data)
+    if data["data_hash"] != found["data_hash"]:
+        raise RunError(f"run {job.name} seed {job.seed}: the shards in {Path(job.data['train']).parent} changed "
+                       f"while it ran (data hash {found['data_hash']} before, {data['data_hash']} after)")
     curve = loss_curve(run_dir)
+    answers = [r["prediction"] for r in records]
+    (run_dir / "answers.json").write_text(json.dumps(records, indent=0))
     record = {
         "name": job.name, **job.labels, "task": spec.question, "seed": job.seed, "steps": job.steps,
-        "threads": job.threads, **version, "config_hash": config_hash(settings), "reused": not train,
+        "trained_steps": steps, "complete": steps == job.steps, "threads": job.threads, **version,
+        "config_hash": config_hash(settings), "data_hash": data["data_hash"],
+        "data_hashes": {"train": data["train"], "test": data["test"], "generator": found["generator"]},
+        "tokenizer_hash": found["tokenizer_hash"], "platform_hash": found["platform_hash"],
+        "export_sha": sha256_file(export / "model.safetensors"), "reused": not train,
         "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - eval_start, 1),
         "encoder": model.config.encoder, "projector": model.config.projector,
         "image_tokens": image_tokens(model, spec.min_side), "learned_at_step": learned_at(curve),
-        "accuracy": float(values["accuracy"]), **score(records, spec.grid), "loss_curve": curve,
+        "accuracy": float(values["accuracy"]), **score(records, spec.grid),
+        "answers_sha": hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:16], "loss_curve": curve,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "eval_torch_threads": torch.get_num_threads(),
+        "platform": found["platform"], "eval_torch_threads": torch.get_num_threads(),
         "settings": settings, "job": job_dict(job),
     }
+    if previous and previous.get("export_sha") != record["export_sha"]:
+        raise RunError(f"run {job.name} seed {job.seed}: its exported model changed since it was checked for reuse")
     if job.flops:
         record.update(cost(model, spec.min_side))
+    if not record["complete"]:
+        print(f"note: run {job.name} seed {job.seed} stopped at step {steps} of {job.steps}: recorded as not "
+              "complete (never re-scored by --reuse)", file=sys.stderr)
     (run_dir / "result.json").write_text(json.dumps(record, indent=1))
     return record
 
 
-def schedule(jobs: list[RunJob], reuse: bool) -> list[tuple[RunJob, bool, dict, dict]]:
-    """Decide per job whether to train or re-score (``--reuse``), printing every decision and its reason."""
-    version = code_version()
+def provenance(job: RunJob, cache: dict) -> dict:
+    """What a run's figures depend on beside code and settings, as the parent process finds it now: the data's
+    hashes, the generator's, the tokenizer's and the platform's (``cache`` keeps what jobs share)."""
+    key = (job.data["train"], job.data["test"])
+    if key not in cache:
+        cache[key] = data_digest(job.data)
+    if job.tokenizer not in cache:
+        cache[job.tokenizer] = folder_digest(Path(job.tokenizer))
+    if "platform" not in cache:
+        info = platform_info()
+        cache["platform"] = info
+        cache["platform_hash"] = config_hash(info)
+        cache["generator"] = generator_digest()
+    return {"data_hash": cache[key]["data_hash"], "tokenizer_hash": cache[job.tokenizer],
+            "platform_hash": cache["platform_hash"], "platform": cache["platform"], "generator": cache["generator"]}
+
+
+def schedule(jobs: list[RunJob], reuse: bool, locks: ExitStack) -> list[tuple[RunJob, bool, dict, dict, dict]]:
+    """Hold every job's run folder, then decide per job whether to train or re-score (``--reuse``), printing
+    every decision and its reason."""
+    for job in jobs:
+        locks.enter_context(hold(Path(job.run_dir), "run folder"))
+    version, cache = code_version(), {}
     items, reused = [], 0
     for job in jobs:
-        settings = resolved_settings(job)
+        settings, found = resolved_settings(job), provenance(job, cache)
         train = True
         if reuse:
-            ok, why = reuse_decision(read_record(Path(job.run_dir)), version, config_hash(settings))
-            if ok and not (Path(job.run_dir) / "export").is_dir():
+            run_dir = Path(job.run_dir)
+            expected = {"config_hash": config_hash(settings), "steps": job.steps, "data_hash": found["data_hash"],
+                        "tokenizer_hash": found["tokenizer_hash"], "platform_hash": found["platform_hash"],
+                        "export_sha": sha256_file(run_dir / "export" / "model.safetensors")}
+            ok, why = reuse_decision(read_record(run_dir), version, expected)
+            if ok and not (run_dir / "export").is_dir():
                 ok, why = False, "no exported model"
             train, reused = not ok, reused + ok
             print(f"reuse {job.name} seed {job.seed}: {'reused' if ok else 'refused, training again'} ({why})",
                   file=sys.stderr)
-        items.append((job, train, version, settings))
+        items.append((job, train, version, settings, found))
     if reuse:
         print(f"reuse: {reused} of {len(jobs)} runs re-scored, {len(jobs) - reused} trained", file=sys.stderr)
     if version["dirty"]:
@@ -287,9 +425,10 @@ def schedule(jobs: list[RunJob], reuse: bool) -> list[tuple[RunJob, bool, dict, 
     return items
 
 
-def run_jobs(jobs: list[RunJob], reuse: bool, parallel: int) -> list[dict]:
-    """Every job trained or re-scored, ``parallel`` at a time; records in job order."""
-    return run_pool(execute, schedule(jobs, reuse), parallel, desc="runs")
+def run_jobs(jobs: list[RunJob], reuse: bool, parallel: int, locks: ExitStack) -> list[dict]:
+    """Every job trained or re-scored, ``parallel`` at a time; records in job order. The run folders stay held
+    in ``locks`` (released by its owner)."""
+    return run_pool(execute, schedule(jobs, reuse, locks), parallel, desc="runs")
 
 
 def seed_list(values: list[int]) -> list[int]:
@@ -353,8 +492,9 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def prepare(args: argparse.Namespace, task: str) -> dict[int, tuple[PilotData, dict[str, str]]]:
-    """Per seed: the pilot data spec (data seed = run seed) and its shards (written or reused); the tokenizer."""
+def prepare(args: argparse.Namespace, task: str, locks: ExitStack) -> dict[int, tuple[PilotData, dict[str, str]]]:
+    """Per seed: the pilot data spec (data seed = run seed) and its shards (written or kept, see
+    :func:`write_pilot_data`), each data folder held in ``locks``; the tokenizer built if missing."""
     from llava_uhd.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(args.tokenizer)  # once here, not in two runs at the same time
@@ -362,7 +502,8 @@ def prepare(args: argparse.Namespace, task: str) -> dict[int, tuple[PilotData, d
     out = {}
     for seed in seed_list(args.seeds):
         spec = replace(base, seed=seed)
-        out[seed] = (spec, write_pilot_data(spec, Path(args.data) / task / f"seed{seed}"))
+        root = locks.enter_context(hold(Path(args.data) / task / f"seed{seed}", "data folder"))
+        out[seed] = (spec, write_pilot_data(spec, root))
     return out
 
 
@@ -393,15 +534,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         for task in args.tasks:
-            started = time.perf_counter()
-            data = prepare(args, task)
-            jobs = make_jobs(args, list(args.encoders), pilot_configs, data, Path(args.runs) / task)
-            records = run_jobs(jobs, args.reuse, args.jobs)
-            spec = next(iter(data.values()))[0]
-            info = {"command": args.command_line, "task": task,
-                    "steps": args.steps, "seeds": list(data), "jobs": args.jobs, "threads": args.threads,
-                    "data": asdict(spec), "chance": chance(spec), "total_s": round(time.perf_counter() - started, 1)}
-            write_pilot(Path(args.out), f"pilot_{task}", records, cut_mask(spec), info, LABELS)
+            with ExitStack() as locks:
+                started = time.perf_counter()
+                data = prepare(args, task, locks)
+                jobs = make_jobs(args, list(args.encoders), pilot_configs, data, Path(args.runs) / task)
+                records = run_jobs(jobs, args.reuse, args.jobs, locks)
+                spec = next(iter(data.values()))[0]
+                info = {"command": args.command_line, "task": task,
+                        "steps": args.steps, "seeds": list(data), "jobs": args.jobs, "threads": args.threads,
+                        "data": asdict(spec), "chance": chance(spec),
+                        "total_s": round(time.perf_counter() - started, 1)}
+                write_pilot(Path(args.out), f"pilot_{task}", records, cut_mask(spec), info, LABELS)
     except (RunError, OSError) as err:
         print(f"bench pilot: {err}", file=sys.stderr)
         return 1

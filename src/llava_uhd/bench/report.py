@@ -20,7 +20,8 @@ from llava_uhd.bench.stats import fmt, interval_cell, learned_cell, mean_pm, sum
 
 SEED_KEYS = ["name", "seed", "accuracy", "learned_at_step", "cut_correct", "cut_total", "uncut_correct",
              "uncut_total", "image_tokens", "train_s", "eval_s", "threads", "commit", "dirty", "diff_sha",
-             "config_hash", "reused"]
+             "config_hash", "steps", "trained_steps", "data_hash", "tokenizer_hash", "platform_hash", "answers_sha",
+             "reused"]
 """Columns of the per-seed table (``<stem>_seeds.csv``)."""
 
 

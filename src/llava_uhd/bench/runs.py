@@ -4,23 +4,39 @@ One run is one :class:`RunJob`: config files, a seed, a step count, a thread cou
 trained by :func:`launch_fit`, which starts the training app (``src/main.py fit``) as its own process with
 ``seed_everything``, the data module's ``seed`` and ``trainer.deterministic=warn`` set from the job (torch's
 deterministic algorithms where it has them, a warning where it does not) and the thread count in
-``OMP_NUM_THREADS``. Every run records the code version (:func:`code_version`: git commit, whether tracked code
-or configs differ from it, and a hash of that difference) and :func:`config_hash` (sha256 of the sorted JSON of
-the resolved settings: the merged config files, the job's overrides and the data spec; output locations are
-left out, so a moved run keeps its hash). :func:`reuse_decision` accepts an earlier run only when all of those
-match. :func:`run_pool` runs jobs one after another, or ``jobs`` at a time in separate processes.
+``OMP_NUM_THREADS``; what an earlier or interrupted run left in the run folder is removed first.
+
+A run's record names everything its figures depend on: the code version (:func:`code_version`: git commit,
+whether tracked or untracked code or configs differ from it, and a hash of that difference), :func:`config_hash`
+(sha256 of the sorted JSON of the resolved settings: the merged config files, the job's overrides and the data
+spec; output locations are left out, so a moved run keeps its hash), the hash of the data it trained and was
+scored on (:func:`folder_digest`: the bytes a reader gets from the shard files), the tokenizer's hash, the
+platform (:func:`platform_info`: CPU, torch's CPU kernels, library versions; the same code and data give other
+float roundings elsewhere, and over thousands of steps other results), the steps asked for and the steps the
+final checkpoint holds. :func:`reuse_decision` accepts an earlier run only when it is complete and all of
+those match.
+
+A command holds a lock (:func:`hold`) on every data and run folder it uses, so two commands cannot share one
+unnoticed: a folder held by a live process is refused with one message naming it; a lock whose process died is
+taken over with a note. :func:`run_pool` runs jobs one after another, or ``jobs`` at a time in separate processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,7 +47,17 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[3]
 MAIN = ROOT / "src" / "main.py"
 CODE_PATHS = ("src", "datamodules", "callbacks", "configs", "pyproject.toml")
-"""What a run's result depends on: a change under these paths (committed or not) changes its code version."""
+"""What a run's result depends on: a change under these paths (committed or not, tracked or not) changes its
+code version."""
+REUSE_KEYS = {
+    "config_hash": "config hash",
+    "steps": "steps",
+    "data_hash": "data hash",
+    "tokenizer_hash": "tokenizer hash",
+    "platform_hash": "platform hash",
+    "export_sha": "exported model hash",
+}
+"""Record keys an earlier run must match (besides the code version) to be re-scored, and how a refusal names them."""
 
 
 class RunError(RuntimeError):
@@ -85,14 +111,81 @@ def _git(args: list[str], root: Path) -> bytes:
 
 
 def code_version(root: Path = ROOT) -> dict:
-    """``{"commit", "dirty", "diff_sha"}``: git HEAD, whether tracked files under ``CODE_PATHS`` differ from it
-    (untracked files are not seen), and a short hash of that difference ("" when clean)."""
+    """``{"commit", "dirty", "diff_sha"}``: git HEAD, whether files under ``CODE_PATHS`` differ from it (tracked
+    files changed, or files git does not track and does not ignore), and a short hash of that difference and of
+    the untracked files' names and bytes ("" when clean)."""
     try:
         commit = _git(["rev-parse", "HEAD"], root).decode().strip()
         diff = _git(["diff", "HEAD", "--", *CODE_PATHS], root)
+        untracked = _git(["ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS], root)
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": True, "diff_sha": "unknown"}
-    return {"commit": commit, "dirty": bool(diff), "diff_sha": hashlib.sha256(diff).hexdigest()[:16] if diff else ""}
+    digest = hashlib.sha256(diff)
+    for name in sorted(n for n in untracked.decode().split("\0") if n):
+        digest.update(b"\0untracked\0" + name.encode() + b"\0")
+        try:
+            digest.update((root / name).read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+    dirty = bool(diff or untracked)
+    return {"commit": commit, "dirty": dirty, "diff_sha": digest.hexdigest()[:16] if dirty else ""}
+
+
+def sha256_file(path: Path) -> str | None:
+    """sha256 (first 16 hex digits) of a file's bytes; None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 (first 16 hex digits) of what a reader gets from ``folder``: every file by relative path, in name
+    order; a ``.tar`` shard counts by its members' names and bytes (its headers hold the time it was written,
+    which no reader sees), any other file by its bytes. Raises OSError when the folder cannot be read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OSError(f"{folder}: no such folder")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(b"\0file\0" + path.relative_to(folder).as_posix().encode() + b"\0")
+        if path.suffix == ".tar":
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for member in tar:
+                        digest.update(b"\0member\0" + member.name.encode() + b"\0")
+                        if member.isfile():
+                            digest.update(tar.extractfile(member).read())
+            except tarfile.TarError as err:
+                raise OSError(f"{path}: not a readable tar shard ({err})") from None
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def platform_info() -> dict:
+    """What float results depend on beyond code, settings and data: the CPU (model, vector extensions, cores),
+    the kernels torch picked for it and the library versions."""
+    import numpy
+    import PIL
+    import torch
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            cpu.setdefault(key, value)
+    except OSError:
+        pass
+    flags = sorted(f for f in cpu.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"machine": platform.machine(), "cpu": cpu.get("model name") or platform.processor(), "cpu_flags": flags,
+            "cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
+            "python": platform.python_version()}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -123,8 +216,12 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def reuse_decision(record: dict | None, version: dict, digest: str) -> tuple[bool, str]:
-    """Whether an earlier run's ``record`` may be re-scored instead of trained again, and why (or why not)."""
+def reuse_decision(record: dict | None, version: dict, expected: dict) -> tuple[bool, str]:
+    """Whether an earlier run's ``record`` may be re-scored instead of trained again, and why (or why not).
+
+    Only a complete run (its final checkpoint holds the steps it was asked for) whose record matches the
+    current code version and every entry of ``expected`` (keys of :data:`REUSE_KEYS`: config hash, steps, data,
+    tokenizer and platform hashes, the exported model's hash) is accepted."""
     if record is None:
         return False, "no recorded run"
     if version["commit"] == "unknown":
@@ -134,9 +231,13 @@ def reuse_decision(record: dict | None, version: dict, digest: str) -> tuple[boo
     if record.get("diff_sha") != version["diff_sha"]:
         return False, (f"uncommitted changes differ (recorded {record.get('diff_sha') or 'clean'}, "
                        f"current {version['diff_sha'] or 'clean'})")
-    if record.get("config_hash") != digest:
-        return False, f"recorded config hash {record.get('config_hash')} != current {digest}"
-    return True, f"commit {version['commit'][:10]} and config hash {digest} match"
+    if not record.get("complete") or record.get("trained_steps") != record.get("steps"):
+        return False, (f"the recorded run is not complete (final checkpoint at step {record.get('trained_steps')} "
+                       f"of {record.get('steps')})")
+    for key, value in expected.items():
+        if record.get(key) != value:
+            return False, f"recorded {REUSE_KEYS.get(key, key)} {record.get(key)} != current {value}"
+    return True, f"commit {version['commit'][:10]}, " + ", ".join(REUSE_KEYS.get(k, k) for k in expected) + " match"
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -170,6 +271,69 @@ def launch_fit(job: RunJob) -> None:
         tail = "" if job.stream else " ".join(log.read_text().strip().splitlines()[-1:])
         where = "see its output above" if job.stream else f"log {log}"
         raise RunError(f"run {job.name} seed {job.seed}: training failed (exit {done.returncode}; {where}) {tail}")
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _who(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    return (f"process {holder.get('pid')} on {holder.get('host')} since {since} "
+            f"({' '.join(map(str, holder.get('command') or []))[:200]})")
+
+
+class FolderBusy(RunError):
+    """A data or run folder that another live command holds."""
+
+
+@contextmanager
+def hold(folder: Path | str, what: str = "folder") -> Iterator[Path]:
+    """Hold ``folder`` for this process: a ``<folder>.lock`` file beside it, locked with ``flock`` and naming
+    the process (pid, host, command, start time); removed when the block ends.
+
+    Another live process holding it: :class:`FolderBusy`, one message naming that process. A lock file left by
+    a process that died (the kernel drops its ``flock``) is taken over with a note on stderr. The lock lies
+    beside the folder, not in it, so clearing the folder keeps it."""
+    folder = Path(folder)
+    path = folder.parent / f"{folder.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderBusy(f"{what} {folder} is in use by {_who(_holder(path))}; two commands must not share a "
+                             "data or run folder: wait for it to end, or give this command other --data / --runs "
+                             "folders") from None
+        try:  # released and removed by its holder between our open and flock: lock the file now at the path
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        previous = _holder(path)
+        if previous:
+            print(f"note: {what} {folder}: taking over the lock left by {_who(previous)}, which is no longer running",
+                  file=sys.stderr)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield folder
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def run_pool(fn: Callable, items: Sequence, jobs: int = 1, desc: str = "runs") -> list:
