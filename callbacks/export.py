@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llava_uhd.llm import llm_config_dict
+from llava_uhd.lora import attach_like
 from llava_uhd.mllm import LlavaUHD
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def copy_with_state(model: LlavaUHD, state: dict[str, torch.Tensor]) -> LlavaUHD
     config = dataclasses.replace(model.config, llm=llm_config_dict(model.llm))
     with torch.device("meta"):
         copy = LlavaUHD(config, tokenizer=model.tokenizer)
+        if model.lora is not None:  # the same adapter layers, so that the state's names fit
+            attach_like(copy, model)
     copy.load_state_dict(state, assign=True, strict=True)
     copy.llm.tie_weights()  # assign=True replaced tied parameters by separate ones: share them again
     sources = dict(model.named_buffers())
@@ -75,5 +78,9 @@ class ExportModel(L.Callback):
             model.save_pretrained(path)
         trainer.strategy.barrier("export_model")
         self.path = Path(path)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and model.lora is not None:
+            log.info("exported the adapter to %s (load it with LlavaUHD.from_pretrained(base, adapter=...); merge it "
+                     "with python -m llava_uhd.convert merge --base %s --adapter %s --out DIR)", path, model.lora.base,
+                     path)
+        elif trainer.is_global_zero:
             log.info("exported the model to %s (start the next stage with --model.init_from %s)", path, path)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llava_uhd.hook_warnings import IgnoreBetweenHooks
+from llava_uhd.lora import adapted_parts, is_adapter, trains
 from llava_uhd.stages import PARTS, part_of
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,14 @@ class StageFreeze(L.Callback):
 
     def _set_frozen(self, pl_module: L.LightningModule, frozen: set[str]) -> None:
         self.frozen = frozen
+        adapted = adapted_parts(pl_module.model)  # LoRA: adapters train even in a frozen part, their base never
         for part in PARTS:
-            for _, param in pl_module.part_parameters(part):
-                param.requires_grad_(part not in frozen)
-        self._eval_modules = [m for m, parts in self._parts.items() if parts and parts <= frozen]
+            for name, param in pl_module.part_parameters(part):
+                param.requires_grad_(trains(name, part, part not in frozen, adapted))
+        holding_adapters = {m for n, m in pl_module.model.named_modules()  # a LoRA layer, its adapters, their dropout
+                            if is_adapter(n) or any(is_adapter(p) for p, _ in m.named_parameters())}
+        self._eval_modules = [m for m, parts in self._parts.items()
+                              if parts and parts <= frozen and m not in holding_adapters]
         if pl_module.training:
             for module, parts in self._parts.items():
                 if parts and not parts <= frozen:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from torch import nn
 from .checkpoint_io import UNREADABLE, unreadable_checkpoint
 from .errors import MissingFileError, SettingsError
 from .llm import tiny_qwen2_config
+from .lora import LoraSettings, apply_lora, as_lora_settings
 from .mllm import WEIGHTS_NAME, LlavaUHD, LlavaUHDConfig
 from .release import is_release_folder
 from .tokenizer import build_tiny_tokenizer
@@ -82,6 +83,10 @@ class ModelSettings:
     resize_policy: Literal["default", "release"] | None = None
     init_from: str | None = None
     reinit_wtc_gate: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        self.lora = as_lora_settings(self.lora)
 
     def encoder_kwargs(self) -> dict[str, Any]:
         """``timm.create_model`` keyword arguments: the weights file and the overrides that are set."""
@@ -132,6 +137,13 @@ def build_model(settings: ModelSettings) -> LlavaUHD:
         model.config.resize_policy = settings.resize_policy
     if settings.reinit_wtc_gate:
         reinit_wtc_gates(model)
+    if settings.lora.enabled:
+        settings.lora.check()
+        if not init_from or not Path(init_from).is_dir():
+            raise SettingsError(f"model.lora: LoRA fine-tunes a saved model, the base its adapters name; set "
+                                f"model.init_from to a model folder (a release or an exported stage), got "
+                                f"{init_from!r}")
+        apply_lora(model, settings.lora, base=str(Path(init_from).resolve()))
     return model
 
 

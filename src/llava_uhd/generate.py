@@ -2,8 +2,8 @@
 
 ::
 
-    python -m llava_uhd.generate --model DIR --image photo.jpg [--image ...] --prompt "What is this?" \\
-        [--num-beams 3] [--max-new-tokens 512] [--json]
+    python -m llava_uhd.generate --model DIR [--adapter DIR] --image photo.jpg [--image ...] \\
+        --prompt "What is this?" [--num-beams 3] [--max-new-tokens 512] [--json]
 
 Prints the answer, then the timings ``LlavaUHD.generate`` measures (encoder ms, LLM prefill ms, time to
 first token, decoding tokens/s). On a terminal, greedy answers stream token by token as they come
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.generate",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder: save_pretrained / convert output, or a release")
+    p.add_argument("--adapter", default=None, help="a LoRA run's adapter folder, put on --model without merging")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes")
     p.add_argument("--num-beams", type=_positive, default=1, help="beam search width (1: greedy; release: 3)")
@@ -67,14 +68,18 @@ def open_images(paths: list[str]) -> list:
     return images
 
 
-def load_model(path: str, resize_policy: str | None):
+def load_model(path: str, resize_policy: str | None, adapter: str | None = None):
     from llava_uhd.mllm import LlavaUHD
 
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"--model: no model folder at {path}")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UsageError(f"--adapter: no adapter folder at {adapter}")
     try:
-        return LlavaUHD.from_pretrained(folder, resize_policy=resize_policy)
+        return LlavaUHD.from_pretrained(folder, resize_policy=resize_policy, adapter=adapter)
+    except SettingsError as err:  # the adapter's: not one, or made for another base
+        raise UsageError(f"--adapter: {str(err).removeprefix('adapter: ')}") from err
     except (ReleaseError, ValueError, OSError, KeyError, TypeError) as err:
         raise UsageError(f"--model: cannot load {path}: {err}") from err
 
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--prompt: empty; ask a question")
     images = open_images(args.image)
     device, _ = pick_device(args.device)
-    model = load_model(args.model, args.resize_policy).to(device).eval()
+    model = load_model(args.model, args.resize_policy, args.adapter).to(device).eval()
     stream = sys.stdout.isatty() and not args.json and args.num_beams == 1
     extra = {"streamer": TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)} if stream else {}
     try:
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_ms": round(result.ttft_ms, 3), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "new_tokens": len(result.token_ids), "image_tokens": result.num_image_tokens,
         "prompt_tokens": result.num_prompt_tokens, "num_beams": args.num_beams, "device": str(device),
-        "resize_policy": model.config.resize_policy,
+        "resize_policy": model.config.resize_policy, "adapter": args.adapter,
     }
     if args.json:
         print(json.dumps(record))

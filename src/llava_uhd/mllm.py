@@ -40,6 +40,7 @@ from llava_uhd import generation, release
 from llava_uhd.errors import ReleaseError
 from llava_uhd.generation import GenerationResult
 from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
+from llava_uhd.lora import LoraInfo, load_adapter, save_adapter
 from llava_uhd.projector import build_projector
 from llava_uhd.tokens import ImageTokenCounter
 from llava_uhd.vision import slicing  # registers the vit_sbe_* timm models
@@ -126,6 +127,7 @@ class LlavaUHD(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector, self.encoder.embed_dim, hidden)
         self.image_token_id = self._token_id(config.image_token)
+        self.lora: LoraInfo | None = None  # adapters on the LLM / ViT (llava_uhd.lora), set where they are added
         if is_sliced(self.encoder):  # the SBE's separator tokens
             self.register_buffer("separator_ids", torch.tensor([self._token_id(t) for t in config.slice_separators]),
                                  persistent=False)
@@ -264,7 +266,11 @@ class LlavaUHD(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------------------------
     def save_pretrained(self, save_dir: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``save_dir``."""
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``save_dir``; a model with adapters
+        writes its adapter folder instead (:func:`llava_uhd.lora.save_adapter`: PEFT format, trained parts, the
+        base's name), which ``from_pretrained(base, adapter=save_dir)`` reads back."""
+        if self.lora is not None:
+            return save_adapter(self, save_dir)
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
         encoder_kwargs = {k: v for k, v in self.config.encoder_kwargs.items() if k != "pretrained_path"}
@@ -272,7 +278,9 @@ class LlavaUHD(nn.Module):
             self.config, llm=llm_config_dict(self.llm), tokenizer=None, encoder_kwargs=encoder_kwargs,
             llm_dtype=str(self.llm.dtype).removeprefix("torch."),
         )
-        (save_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        # architectures / model_type: what vLLM reads to pick the model class (llava_uhd.serve); not config fields
+        serving = {"architectures": ["LlavaUHDForConditionalGeneration"], "model_type": "llava_uhd"}
+        (save_dir / CONFIG_NAME).write_text(json.dumps({**serving, **config.to_dict()}, indent=2))
         save_model(self, str(save_dir / WEIGHTS_NAME))
         self.tokenizer.save_pretrained(save_dir)
         return save_dir
@@ -293,9 +301,18 @@ class LlavaUHD(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, resize_policy: str | None = None) -> LlavaUHD:
+    def from_pretrained(cls, model_dir: str | Path, resize_policy: str | None = None,
+                        adapter: str | Path | None = None) -> LlavaUHD:
         """Rebuild a model written by ``save_pretrained``, or read a release folder (no training code, nothing
-        fetched), on the CPU. ``resize_policy`` overrides the folder's (a release: ``release``)."""
+        fetched), on the CPU. ``resize_policy`` overrides the folder's (a release: ``release``). ``adapter``: a
+        LoRA run's adapter folder put on this base without merging (an adapter made for another base is a
+        ``SettingsError``)."""
+        if adapter is not None:
+            model = cls.from_pretrained(model_dir, resize_policy)
+            load_adapter(model, adapter)
+            if resize_policy is not None:
+                model.config.resize_policy = resize_policy
+            return model
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"no model folder at {model_dir}")
@@ -305,6 +322,8 @@ class LlavaUHD(nn.Module):
         if raw is None or "encoder" not in raw or not (model_dir / WEIGHTS_NAME).is_file():
             raise ValueError(f"{model_dir} is not a model folder: it needs a {CONFIG_NAME} written by save_pretrained "
                              f"(or a LLaVA-format release's) and {WEIGHTS_NAME}")
+        for key in ("architectures", "model_type"):  # written for serving (save_pretrained), not config fields
+            raw.pop(key, None)
         if resize_policy is not None:
             raw["resize_policy"] = resize_policy
         raw["encoder_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["encoder_kwargs"].items()}

@@ -37,27 +37,12 @@ from .build import ModelSettings, build_model, fully_shard_model
 from .distill import build_teacher, distill_forward
 from .errors import SettingsError
 from .eval.generation import answer_samples
+from .lora import adapted_parts, trained_parameter_names
 from .metrics import GenerationScores
 from .nonfinite import NonFiniteSkip
+from .parts import PARTS, part_of
 
 log = logging.getLogger(__name__)
-
-PARTS = ("patch_embed", "wtc", "vit", "projector", "llm")
-
-
-def part_of(name: str) -> str:
-    """Which part a parameter of :class:`LlavaUHD` (named as in ``named_parameters``) belongs to."""
-    if name.startswith("llm."):
-        return "llm"
-    if name.startswith("projector."):
-        return "projector"
-    inner = name.split(".", 1)[1] if name.startswith("encoder.") else name
-    inner = inner.removeprefix("base.")  # the slice-based encoder wraps a ViT
-    if inner.startswith(("patch_embed.", "pos_embed")):
-        return "patch_embed"
-    if inner.startswith("wtc."):
-        return "wtc"
-    return "vit"
 
 
 def check_learning_rates(lr: dict[str, float] | None) -> dict[str, float]:
@@ -161,6 +146,10 @@ class UHDModule(L.LightningModule):
             raise SettingsError(f"model.max_new_tokens: at least 1, got {max_new_tokens}")
         self.lrs = {**self.default_lr, **check_learning_rates(lr)}
         self.teacher = build_teacher(self.model, settings.encoder) if distill_weight > 0 else None
+        if self.model.lora is not None:
+            # a LoRA checkpoint holds only what trains (the base is rebuilt from the settings): see on_save_checkpoint
+            self.strict_loading = False
+            self.model.lora.parts = self.stored_parts(self.trainable_parts)
         if gradient_checkpointing:
             self.model.encoder.set_grad_checkpointing(True)
             self.model.llm.gradient_checkpointing_enable()
@@ -265,10 +254,29 @@ class UHDModule(L.LightningModule):
         return answer_samples(self.model, batch, self.hparams.max_new_tokens, self.hparams.num_beams)
 
     # -- optimisation --------------------------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def optimized(self) -> tuple[list[str], list[tuple[str, nn.Parameter]]]:
+        """The parts the optimizer serves and its (name, parameter) pairs: every parameter of a trained part; with
+        LoRA, a part holding adapters gives its adapters only (and is served even where the stage freezes it)."""
         scheduled = getattr(self, "scheduled_parts", ())  # frozen now, unfrozen later by StageFreeze
         parts = [p for p in PARTS if p in self.trainable_parts or p in scheduled]
-        groups = part_param_groups(self.model.named_parameters(), parts, self.lrs, self.hparams.weight_decay)
+        named = list(self.model.named_parameters())
+        adapted = adapted_parts(self.model)
+        if not adapted:
+            return parts, named
+        keep = set(trained_parameter_names(named, parts, adapted))
+        return [p for p in PARTS if p in parts or p in adapted], [(n, p) for n, p in named if n in keep]
+
+    def stored_parts(self, parts: Iterable[str]) -> tuple[str, ...]:
+        """Non-LoRA parts a LoRA export stores whole: those that train, and re-initialised WTC gates."""
+        adapted = adapted_parts(self.model)
+        stored = {p for p in parts if p not in adapted} | ({"wtc"} if self.hparams.reinit_wtc_gate else set())
+        return tuple(p for p in PARTS if p in stored)
+
+    def configure_optimizers(self):
+        parts, named = self.optimized()
+        if self.model.lora is not None:
+            self.model.lora.parts = self.stored_parts(parts)
+        groups = part_param_groups(named, parts, self.lrs, self.hparams.weight_decay)
         if not groups:
             raise SettingsError("model.trainable: nothing to train")
         if self.optimizer_factory is not None:
@@ -295,11 +303,32 @@ class UHDModule(L.LightningModule):
         fully_shard_model(self.model, mesh)
 
     # -- checkpoint ----------------------------------------------------------------------------------------------
+    def checkpoint_keys(self) -> set[str]:
+        """State-dict keys a LoRA run's checkpoint holds: the optimizer's parameters and the persistent buffers."""
+        _, named = self.optimized()
+        buffers = {f"model.{n}" for n, _ in self.model.named_buffers()} & set(self.state_dict(keep_vars=True))
+        return {f"model.{n}" for n, _ in named} | buffers
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.save(checkpoint)  # a resumed run keeps counting skipped batches
+        sharded = getattr(self, "device_mesh", None) is not None  # a distributed checkpoint loads only whole states
+        if self.model.lora is not None and not sharded:
+            keep = self.checkpoint_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.load(checkpoint)
+        state = checkpoint.get("state_dict")
+        if self.model.lora is None or not isinstance(state, dict):
+            return
+        keep, own = self.checkpoint_keys(), set(self.state_dict())
+        missing = sorted(keep - set(state))
+        unexpected = sorted(set(state) - own)
+        if missing or unexpected:
+            raise SettingsError(
+                "ckpt_path: the checkpoint does not match this run's LoRA settings: "
+                + (f"{len(missing)} trained tensor(s) missing ({', '.join(missing[:3])}) " if missing else "")
+                + (f"{len(unexpected)} unknown tensor(s) ({', '.join(unexpected[:3])})" if unexpected else ""))
 
 
 class PreAlignment(UHDModule):

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("llava_uhd.bench.pack", "packing: mixed-size images one by one vs packed vs a block-diagonal mask"),
     "pilot": ("llava_uhd.bench.pilot", "pilot experiment: GNE vs SBE vs PVC accuracy per ShapeGrid cell"),
     "ablate": ("llava_uhd.bench.ablate", "ablations: WTC pooling, WTC placement, RPE patch size vs cost"),
+    "memory": ("llava_uhd.bench.memory", "per-GPU memory of a training run: full vs LoRA vs QLoRA (meta device)"),
 }
 
 

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer every benchmark row with a model, then score", allow_abbrev=False)
     run.add_argument("--model", required=True, help="model folder (LlavaUHD.from_pretrained)")
+    run.add_argument("--adapter", default=None, help="a LoRA run's adapter folder, put on --model without merging")
     run.add_argument("--data", required=True, action="append", help="benchmark TSV (repeatable)")
     run.add_argument("--out", required=True, help="output folder for predictions and scores")
     run.add_argument("--batch-size", type=_positive, default=1)
@@ -113,10 +114,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise EvalError(f"--model {args.model}: not a model folder (no config.json)")
     import torch
 
+    from llava_uhd.errors import SettingsError
     from llava_uhd.mllm import LlavaUHD
 
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise EvalError(f"--adapter {args.adapter}: no adapter folder there")
     try:
-        model = LlavaUHD.from_pretrained(model_dir)
+        model = LlavaUHD.from_pretrained(model_dir, adapter=args.adapter)
+    except SettingsError as err:  # an adapter that is not one, or made for another base
+        raise EvalError(f"--adapter {args.adapter}: {str(err).removeprefix('adapter: ')}") from err
     except Exception as err:  # a model folder can be broken in many ways (config keys, shapes, files)
         raise EvalError(f"--model {args.model}: cannot load the model ({type(err).__name__}: {err})") from err
     try:
