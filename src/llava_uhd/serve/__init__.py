@@ -1,0 +1,1 @@
+"""Serving LLaVA-UHD v3 through vLLM (docs/serving.md)."""
