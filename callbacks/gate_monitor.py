@@ -13,7 +13,8 @@ input under ``no_grad`` and log, per layer ``<layer>`` (``block<k>``: the WTC af
 
 plus a TensorBoard histogram ``wtc/<layer>/max_weight_hist`` of the per-(window, channel) max weights. Every
 ``image_every_n_steps`` it adds the figure ``wtc/gates``: the batch's first image, then for each layer the
-per-token gate weight averaged over channels laid over it (blue < 1/4 < red). Tokens are window-major inside
+per-token gate weight averaged over channels laid over it (blue < 1/4 < red), drawn by
+``llava_uhd.vision.gate_maps`` as the web demo draws it. Tokens are window-major inside
 the encoder; the map is put back in row-major order with ``window_major_order`` (at WTC level k the token
 grid is the patch grid / 2^k, and in a packed batch the first image's tokens come first).
 
@@ -31,7 +32,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from llava_uhd.vision.pvc import WindowedTokenCompression, average_pool_windows, window_major_order
+from llava_uhd.vision.gate_maps import draw_gate_maps, gate_weight_map
+from llava_uhd.vision.pvc import WindowedTokenCompression, average_pool_windows
 
 from .wtc_modules import find_wtc, layer_label
 
@@ -172,41 +174,12 @@ class WTCGateMonitor(L.Callback):
     @staticmethod
     def _weight_map(module: WindowedTokenCompression, x: torch.Tensor, level: int, geometry: dict) -> torch.Tensor:
         """Gate weight per token of the first image, averaged over channels, on its row-major grid at ``level``."""
-        h, w = geometry["grids"][level]
-        tokens = x[0] if x.ndim == 3 else x[: h * w]  # dense [B, n, C], or packed [N, C] with image 0 first
-        weights = module.gate_weights(module.windows(tokens)).float().mean(dim=-1).flatten()  # window-major
-        order = window_major_order(h, w, geometry["levels"] - level).to(weights.device)
-        grid = torch.empty_like(weights)
-        grid[order] = weights
-        return grid.view(h, w).cpu()
+        tokens = x[0] if x.ndim == 3 else x  # dense [B, n, C], or packed [N, C] with image 0 first
+        return gate_weight_map(module, tokens, geometry["grids"][level], geometry["levels"] - level)
 
     def _figure(self):
-        from matplotlib.figure import Figure
-
-        image = self._image.float()
-        if self._image.dtype != torch.uint8:  # normalised pixels: stretch back to [0, 1] for display
-            image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-6)
-        else:
-            image = image / 255.0
-        image = image.permute(1, 2, 0).numpy()
-        height, width = image.shape[:2]
-        panels = 1 + len(self._maps)
-        panel_h = self.figure_width * height / width
-        figure = Figure(figsize=(self.figure_width * panels, panel_h + 0.6))
-        axes = figure.subplots(1, panels, squeeze=False)[0]
-        axes[0].imshow(image)
-        axes[0].set_title(f"input {height}x{width}", fontsize=8)
-        spread = max(0.05, max(float((m - 0.25).abs().max()) for m in self._maps.values()))
-        for ax, (label, grid) in zip(axes[1:], self._maps.items()):
-            ax.imshow(image)
-            shown = ax.imshow(grid.numpy(), cmap="coolwarm", vmin=0.25 - spread, vmax=0.25 + spread, alpha=0.6,
-                              extent=(0, width, height, 0), interpolation="nearest")
-            ax.set_title(f"{label} gate weight {tuple(grid.shape)}", fontsize=8)
-            figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
-        for ax in axes:
-            ax.set_axis_off()
-        figure.tight_layout()
-        return figure
+        """The same picture as the web demo's gate view (``llava_uhd.vision.gate_maps``)."""
+        return draw_gate_maps(self._image, self._maps, self.figure_width)
 
     @staticmethod
     def _tensorboards(trainer: L.Trainer) -> list:
