@@ -21,11 +21,15 @@ from llava_uhd.bench.runs import (
     folder_digest,
     hold,
     job_dict,
+    kernel_env,
+    kernel_set,
     launch_fit,
     merge,
+    platform_hash,
     platform_info,
     resolved_settings,
     reuse_decision,
+    run_pool,
 )
 
 
@@ -109,9 +113,33 @@ def test_folder_digest_counts_what_a_reader_gets(tmp_path):
 
 def test_platform_names_what_float_results_depend_on():
     info = platform_info()
-    for key in ("cpu", "cpu_flags", "torch_cpu_capability", "torch", "numpy", "pillow"):
+    for key in ("cpu", "cpu_flags", "kernels", "torch", "numpy", "pillow"):
         assert key in info, key
-    assert json.loads(json.dumps(info)) == info and config_hash(info) == config_hash(platform_info())
+    assert json.loads(json.dumps(info)) == info and platform_hash(info) == platform_hash(platform_info())
+    assert platform_hash({**info, "cpu": "another CPU", "cpu_flags": [*info["cpu_flags"], "avx512f"]}) == \
+        platform_hash(info)  # under the pinned kernels the CPU model does not change a result
+    assert platform_hash({**info, "kernels": "native"}) != platform_hash(info)
+    assert platform_hash({**info, "torch": "0.0"}) != platform_hash(info)
+
+
+def test_the_kernel_set_is_pinned_where_the_cpu_runs_it():
+    assert kernel_set(["avx", "avx2", "avx512f", "fma"], "x86_64") == "avx2"
+    assert kernel_set(["avx", "avx2", "fma"], "x86_64") == "avx2"
+    assert kernel_set(["avx"], "x86_64") == "native"
+    assert kernel_set([], "aarch64") == "native"
+    assert kernel_env("avx2")["ATEN_CPU_CAPABILITY"] == "avx2" and kernel_env("native") == {}
+
+
+def _capability(_) -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def test_pool_workers_load_torch_with_the_pinned_kernels():
+    if platform_info()["kernels"] != "avx2":
+        pytest.skip("this CPU cannot run the pinned AVX2 kernels")
+    assert run_pool(_capability, [None, None], jobs=1, env=kernel_env("avx2")) == ["AVX2", "AVX2"]
 
 
 def test_code_version_sees_commits_and_uncommitted_changes(tmp_path):

@@ -16,7 +16,9 @@ questions ``position`` / ``marked``.
 
 Seed ``s`` sets everything random in a run: the generated data (train and held-out), the model's initial
 weights (``seed_everything``) and the data order (the data module's ``seed``); runs use torch's deterministic
-algorithms where it has them and ``--threads`` threads each (``llava_uhd.bench.runs``). ``--jobs 2`` trains
+algorithms where it has them, one CPU kernel set on every x86-64 CPU with AVX2 (``llava_uhd.bench.runs.KERNELS``:
+a run gives the same numbers on any such machine) and ``--threads`` threads each, and are trained and scored in
+processes of their own (``llava_uhd.bench.runs``). ``--jobs 2`` trains
 two runs side by side. Per arm the outputs give mean and standard deviation of accuracy and of the learning
 step over seeds (a run that never learned is counted, not averaged in), cut / uncut accuracy pooled over
 seeds with a 95 % Wilson interval (``llava_uhd.bench.stats``), and one row per seed.
@@ -79,7 +81,9 @@ from llava_uhd.bench.runs import (
     folder_digest,
     hold,
     job_dict,
+    kernel_env,
     launch_fit,
+    platform_hash,
     platform_info,
     read_record,
     resolved_settings,
@@ -266,7 +270,8 @@ def cost(model, side: int) -> dict:
     height, width = input_size(model, side)
     kwargs = {"patch_size": cfg.patch_size, "wtc_layers": tuple(cfg.wtc_layers), "wtc_pooling": cfg.wtc_pooling}
     flops = encoder_flops(model.config.encoder, int(height), int(width), **kwargs)
-    return {"pooling": cfg.wtc_pooling, "wtc_layers": "-".join(map(str, cfg.wtc_layers)), "patch": cfg.patch_size,
+    return {"pooling": cfg.wtc_pooling if cfg.wtc_layers else "none",
+            "wtc_layers": "-".join(map(str, cfg.wtc_layers)) or "none", "patch": cfg.patch_size,
             "input": f"{height}x{width}", "image_tokens": image_tokens(model, side), "encoder_gflops": flops / 1e9}
 
 
@@ -389,7 +394,7 @@ def provenance(job: RunJob, cache: dict) -> dict:
     if "platform" not in cache:
         info = platform_info()
         cache["platform"] = info
-        cache["platform_hash"] = config_hash(info)
+        cache["platform_hash"] = platform_hash(info)
         cache["generator"] = generator_digest()
     return {"data_hash": cache[key]["data_hash"], "tokenizer_hash": cache[job.tokenizer],
             "platform_hash": cache["platform_hash"], "platform": cache["platform"], "generator": cache["generator"]}
@@ -428,7 +433,8 @@ def schedule(jobs: list[RunJob], reuse: bool, locks: ExitStack) -> list[tuple[Ru
 def run_jobs(jobs: list[RunJob], reuse: bool, parallel: int, locks: ExitStack) -> list[dict]:
     """Every job trained or re-scored, ``parallel`` at a time; records in job order. The run folders stay held
     in ``locks`` (released by its owner)."""
-    return run_pool(execute, schedule(jobs, reuse, locks), parallel, desc="runs")
+    env = kernel_env(jobs[0].kernels) if jobs else {}
+    return run_pool(execute, schedule(jobs, reuse, locks), parallel, desc="runs", env=env)
 
 
 def seed_list(values: list[int]) -> list[int]:
@@ -508,12 +514,21 @@ def prepare(args: argparse.Namespace, task: str, locks: ExitStack) -> dict[int, 
 
 
 def make_jobs(args: argparse.Namespace, names: list[str], configs, data: dict, runs: Path,
-              labels=lambda name: {}, flops: bool = False) -> list[RunJob]:
-    """One job per (seed, name); seed-major so that side-by-side runs start with different arms."""
+              labels=lambda name: {}, flops: bool = False, prealign=lambda name: (), prealign_steps: int = 0,
+              ) -> list[RunJob]:
+    """One job per (seed, name); seed-major so that side-by-side runs start with different arms. Every job uses
+    the pinned CPU kernel set where this CPU runs it (``llava_uhd.bench.runs.KERNELS``). ``prealign(name)``: the
+    config files of a pre-alignment run of ``prealign_steps`` trained before it (empty: none)."""
+    kernels = platform_info()["kernels"]
+    if kernels != "avx2":
+        print("note: this CPU cannot run the pinned AVX2 kernel set; runs use torch's own kernels, and their numbers "
+              "hold for this kind of CPU only (their records say so)", file=sys.stderr)
     return [RunJob(name=name, configs=tuple(str(c) for c in configs(name)), seed=seed, steps=args.steps,
                    threads=args.threads, spec=asdict(spec), data=paths, run_dir=str(runs / name / f"seed{seed}"),
                    tokenizer=args.tokenizer, extra=tuple(args.fit_arg), stream=args.jobs == 1, flops=flops,
-                   labels=labels(name))
+                   labels=labels(name), kernels=kernels,
+                   prealign_configs=tuple(str(c) for c in prealign(name)),
+                   prealign_steps=prealign_steps if prealign(name) else 0)
             for seed, (spec, paths) in data.items() for name in names]
 
 

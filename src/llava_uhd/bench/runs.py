@@ -11,14 +11,19 @@ whether tracked or untracked code or configs differ from it, and a hash of that 
 (sha256 of the sorted JSON of the resolved settings: the merged config files, the job's overrides and the data
 spec; output locations are left out, so a moved run keeps its hash), the hash of the data it trained and was
 scored on (:func:`folder_digest`: the bytes a reader gets from the shard files), the tokenizer's hash, the
-platform (:func:`platform_info`: CPU, torch's CPU kernels, library versions; the same code and data give other
-float roundings elsewhere, and over thousands of steps other results), the steps asked for and the steps the
-final checkpoint holds. :func:`reuse_decision` accepts an earlier run only when it is complete and all of
-those match.
+platform (:func:`platform_info`: the CPU kernel set, library versions, and for the record the CPU), the steps
+asked for and the steps the final checkpoint holds. :func:`reuse_decision` accepts an earlier run only when it is
+complete and all of those match.
 
 A command holds a lock (:func:`hold`) on every data and run folder it uses, so two commands cannot share one
 unnoticed: a folder held by a live process is refused with one message naming it; a lock whose process died is
-taken over with a note. :func:`run_pool` runs jobs one after another, or ``jobs`` at a time in separate processes.
+taken over with a note. :func:`run_pool` runs jobs in separate processes, one or ``jobs`` at a time.
+
+Every process that trains or scores a run uses one CPU kernel set, :data:`KERNELS` (AVX2 for torch's own
+kernels, oneDNN and MKL), whatever more the CPU offers. Without it torch picks its kernels by CPU: an AVX-512
+machine and an AVX2-only one round differently from the first steps, and over 2000 steps that turns "learned"
+into "never learned". With it the same run gives the same numbers bit for bit on both (checked:
+``tests/bench/golden/pilot_loss.json``, made on an AVX2-only CPU, is reproduced exactly on an AVX-512 one).
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ REUSE_KEYS = {
     "export_sha": "exported model hash",
 }
 """Record keys an earlier run must match (besides the code version) to be re-scored, and how a refusal names them."""
+PREALIGN_DIR = "prealign"
+"""Sub-folder of a run folder where its pre-alignment run logs (:attr:`RunJob.prealign_configs`)."""
+KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+"""The CPU kernels of every training and scoring process (read by torch, oneDNN and MKL when they load): torch's
+vectorised kernels, oneDNN's and MKL's (its conditional-numerical-reproducibility mode) at AVX2, so that any x86-64
+CPU with AVX2 and FMA computes the same roundings."""
+PLATFORM_KEYS = ("machine", "kernels", "torch", "numpy", "pillow", "python")
+"""The entries of :func:`platform_info` that results depend on: what :func:`platform_hash` covers. The CPU model,
+its flags and core count are recorded for the reader but do not change a result under :data:`KERNELS`."""
 
 
 class RunError(RuntimeError):
@@ -87,17 +101,33 @@ class RunJob:
     """Also count the encoder's FLOPs (ablations)."""
     labels: dict = field(default_factory=dict)
     """Extra columns for the result rows (e.g. the ablation set)."""
+    kernels: str = "avx2"
+    """The CPU kernel set it trains and is scored with (:func:`kernel_set`)."""
+    prealign_configs: tuple[str, ...] = ()
+    """Config files of a pre-alignment run (stage 1) trained first, with the same seed and data, in
+    ``<run_dir>/prealign/stage1``; the run then starts from its export (``--model.init_from``). Empty: none."""
+    prealign_steps: int = 0
+    """Training steps of that pre-alignment run."""
 
-    def overrides(self) -> dict[str, object]:
+    @property
+    def prealign_dir(self) -> Path | None:
+        """Where the pre-alignment run logs (None without one)."""
+        return Path(self.run_dir) / PREALIGN_DIR / "stage1" if self.prealign_configs else None
+
+    def overrides(self, steps: int | None = None) -> dict[str, object]:
         """The settings a job sets on top of its config files (the ones that count in the config hash)."""
-        return {"trainer.max_steps": self.steps, "seed_everything": self.seed, "data.seed": self.seed,
-                "trainer.deterministic": "warn"}
+        return {"trainer.max_steps": self.steps if steps is None else steps, "seed_everything": self.seed,
+                "data.seed": self.seed, "trainer.deterministic": "warn"}
 
-    def fit_args(self) -> list[str]:
-        """The training app's ``fit`` arguments: configs, overrides, the data and where the run logs."""
-        run_dir = Path(self.run_dir)
-        args = ["fit", *[arg for config in self.configs for arg in ("-c", str(config))]]
-        args += [f"--{key}={value}" for key, value in self.overrides().items()]
+    def fit_args(self, prealign: bool = False) -> list[str]:
+        """The training app's ``fit`` arguments: configs, overrides, the data and where the run logs; with
+        ``prealign``, those of its pre-alignment run. A run after one starts from that one's export."""
+        run_dir = self.prealign_dir if prealign else Path(self.run_dir)
+        configs = self.prealign_configs if prealign else self.configs
+        args = ["fit", *[arg for config in configs for arg in ("-c", str(config))]]
+        args += [f"--{key}={value}" for key, value in self.overrides(self.prealign_steps if prealign else None).items()]
+        if self.prealign_configs and not prealign:
+            args += ["--model.init_from", str(self.prealign_dir / "export")]
         args += ["--data.train_shards", self.data["train"], "--data.val_shards", self.data["test"],
                  "--data.test_shards", self.data["test"], "--model.tokenizer", self.tokenizer,
                  "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
@@ -167,9 +197,20 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def kernel_set(flags: list[str], machine: str) -> str:
+    """``"avx2"`` where :data:`KERNELS` can run (x86-64 with AVX2 and FMA), else ``"native"`` (torch's own pick:
+    results then hold for this CPU only)."""
+    return "avx2" if machine in ("x86_64", "AMD64") and {"avx2", "fma"} <= set(flags) else "native"
+
+
+def kernel_env(kernels: str) -> dict[str, str]:
+    """Environment variables that pin ``kernels`` (:func:`kernel_set`) in a process started with them."""
+    return dict(KERNELS) if kernels == "avx2" else {}
+
+
 def platform_info() -> dict:
-    """What float results depend on beyond code, settings and data: the CPU (model, vector extensions, cores),
-    the kernels torch picked for it and the library versions."""
+    """What float results depend on beyond code, settings and data: the CPU kernel set runs use
+    (:func:`kernel_set`) and the library versions; the CPU (model, vector extensions, cores) for the record."""
     import numpy
     import PIL
     import torch
@@ -182,10 +223,15 @@ def platform_info() -> dict:
     except OSError:
         pass
     flags = sorted(f for f in cpu.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
-    return {"machine": platform.machine(), "cpu": cpu.get("model name") or platform.processor(), "cpu_flags": flags,
-            "cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"machine": platform.machine(), "kernels": kernel_set(flags, platform.machine()),
+            "cpu": cpu.get("model name") or platform.processor(), "cpu_flags": flags, "cpus": os.cpu_count(),
             "torch": torch.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
             "python": platform.python_version()}
+
+
+def platform_hash(info: dict) -> str:
+    """Hash of the :data:`PLATFORM_KEYS` of ``info``: equal wherever the same run gives the same numbers."""
+    return config_hash({key: info.get(key) for key in PLATFORM_KEYS})
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -196,18 +242,26 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolved_settings(job: RunJob) -> dict:
-    """The settings a run's result depends on: the merged config files, the job's overrides, the thread count,
-    the verbatim extra arguments and the data spec."""
+def merged_configs(paths: Sequence[str]) -> dict:
+    """The config files merged as the training app stacks them."""
     config: dict = {}
-    for path in job.configs:
+    for path in paths:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise RunError(f"config {path}: cannot read it ({err})") from None
         config = merge(config, loaded)
-    return {"config": config, "overrides": job.overrides(), "threads": job.threads, "extra": list(job.extra),
-            "data": job.spec}
+    return config
+
+
+def resolved_settings(job: RunJob) -> dict:
+    """The settings a run's result depends on: the merged config files, the job's overrides, the thread count,
+    the verbatim extra arguments and the data spec; and a pre-alignment run's config files and steps."""
+    settings = {"config": merged_configs(job.configs), "overrides": job.overrides(), "threads": job.threads,
+                "extra": list(job.extra), "data": job.spec}
+    if job.prealign_configs:
+        settings["prealign"] = {"config": merged_configs(job.prealign_configs), "steps": job.prealign_steps}
+    return settings
 
 
 def config_hash(settings: dict) -> str:
@@ -256,21 +310,24 @@ def launch_fit(job: RunJob) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, **kernel_env(job.kernels)}
     if job.threads:
         env.update(OMP_NUM_THREADS=str(job.threads), MKL_NUM_THREADS=str(job.threads))
-    command = [sys.executable, str(MAIN), *job.fit_args()]
-    (run_dir / "fit_command.json").write_text(json.dumps(command))
-    log = run_dir / "fit.log"
-    if job.stream:
-        done = subprocess.run(command, env=env)
-    else:
-        with open(log, "w") as f:
-            done = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = "" if job.stream else " ".join(log.read_text().strip().splitlines()[-1:])
-        where = "see its output above" if job.stream else f"log {log}"
-        raise RunError(f"run {job.name} seed {job.seed}: training failed (exit {done.returncode}; {where}) {tail}")
+    stages = [(job.prealign_dir, job.fit_args(prealign=True), "pre-alignment")] if job.prealign_configs else []
+    for folder, args, what in [*stages, (run_dir, job.fit_args(), "training")]:
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(MAIN), *args]
+        (folder / "fit_command.json").write_text(json.dumps(command))
+        log = folder / "fit.log"
+        if job.stream:
+            done = subprocess.run(command, env=env)
+        else:
+            with open(log, "w") as f:
+                done = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode:
+            tail = "" if job.stream else " ".join(log.read_text().strip().splitlines()[-1:])
+            where = "see its output above" if job.stream else f"log {log}"
+            raise RunError(f"run {job.name} seed {job.seed}: {what} failed (exit {done.returncode}; {where}) {tail}")
 
 
 def _holder(path: Path) -> dict:
@@ -336,14 +393,25 @@ def hold(folder: Path | str, what: str = "folder") -> Iterator[Path]:
         os.close(fd)
 
 
-def run_pool(fn: Callable, items: Sequence, jobs: int = 1, desc: str = "runs") -> list:
-    """``[fn(item) for item in items]``, ``jobs`` at a time in separate (spawned) processes when ``jobs > 1``."""
-    if jobs <= 1 or len(items) <= 1:
-        return [fn(item) for item in tqdm(items, desc=desc, disable=len(items) <= 1)]
+def pin_kernels(env: dict[str, str]) -> None:
+    """Worker start-up of :func:`run_pool`: set ``env`` before torch loads (it reads them once, when it loads)."""
+    if env and "torch" in sys.modules:
+        raise RunError("internal: torch was loaded before the CPU kernel set could be pinned")
+    os.environ.update(env)
+
+
+def run_pool(fn: Callable, items: Sequence, jobs: int = 1, desc: str = "runs",
+             env: dict[str, str] | None = None) -> list:
+    """``[fn(item) for item in items]`` in separate (spawned) worker processes, ``jobs`` at a time, each started
+    with ``env`` (e.g. :func:`kernel_env`) set before it loads torch; results in item order."""
     results: list = [None] * len(items)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    if not items:
+        return results
+    workers = max(1, min(jobs, len(items)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=pin_kernels,
+                             initargs=(dict(env or {}),)) as pool:
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=len(items) <= 1):
             results[futures[future]] = future.result()
     return results
 
@@ -360,4 +428,5 @@ def job_dict(job: RunJob) -> dict:
     """The job as plain JSON data (recorded beside its result), config paths relative to the repository."""
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job).items()}
     out["configs"] = [_relative(c) for c in job.configs]
+    out["prealign_configs"] = [_relative(c) for c in job.prealign_configs]
     return out
