@@ -71,6 +71,25 @@ def test_reinit_wtc_gates_resets_every_content_adaptive_gate(shards):
     assert not gate.any()  # W2 back to zero: exact average pooling
 
 
+def test_zero_wtc_gate_builds_the_release_s_dead_gate(shards):
+    from llava_uhd.errors import SettingsError
+    from llava_uhd.vision.pvc import average_pool_windows
+
+    settings = dict(encoder="vit_uhd_tiny_patch10_siglip", llm={"hidden_size": 32}, tokenizer=str(shards / "tok"))
+    module = SFT(**settings, zero_wtc_gate=True)
+    wtc = module.model.encoder.wtc["2"]
+    assert all(not p.any() for p in wtc.parameters())
+    x = torch.randn(2, 16, wtc.dim, requires_grad=True)
+    out = wtc(x)
+    torch.testing.assert_close(out, average_pool_windows(x), rtol=0, atol=1e-7)
+    out.square().sum().backward()
+    assert not wtc.fc1.weight.grad.any() and not wtc.fc2.weight.grad.any()  # dead: no gradient reaches W1, W2
+    with pytest.raises(SettingsError, match="reinit_wtc_gate and model.zero_wtc_gate: choose one"):
+        SFT(**settings, zero_wtc_gate=True, reinit_wtc_gate=True)
+    with pytest.raises(SettingsError, match="model.zero_wtc_gate: the encoder has no content-adaptive WTC gate"):
+        SFT(**settings, wtc_pooling="avg", zero_wtc_gate=True)
+
+
 def test_an_optimizer_and_schedule_handed_in_get_the_per_part_groups(shards):
     def sgd(params):
         return torch.optim.SGD(params, lr=9.0, momentum=0.9, weight_decay=0.5)

@@ -67,6 +67,9 @@ class ModelSettings:
             With ``llm`` empty: a model folder (ours or a release) giving architecture, weights and tokenizer.
         reinit_wtc_gate: after loading, re-initialise every content-adaptive WTC gate (W1 random, W2 and b2
             zero): exact average pooling with a live gradient. The release's gates are all zero and never train.
+        zero_wtc_gate: after loading, set every parameter of every content-adaptive WTC gate to zero, as the
+            released model's loader does: exact average pooling whose gradient is exactly zero, so it never trains
+            (the ``prealign`` ablation's dead gate).
     """
 
     encoder: str = "vit_uhd_so400m_patch10_siglip"
@@ -83,6 +86,7 @@ class ModelSettings:
     resize_policy: Literal["default", "release"] | None = None
     init_from: str | None = None
     reinit_wtc_gate: bool = False
+    zero_wtc_gate: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -135,8 +139,12 @@ def build_model(settings: ModelSettings) -> LlavaUHD:
             load_weights(model, init_from)
     if settings.resize_policy is not None:
         model.config.resize_policy = settings.resize_policy
+    if settings.reinit_wtc_gate and settings.zero_wtc_gate:
+        raise SettingsError("model.reinit_wtc_gate and model.zero_wtc_gate: choose one (a live or a dead gate)")
     if settings.reinit_wtc_gate:
         reinit_wtc_gates(model)
+    if settings.zero_wtc_gate:
+        zero_wtc_gates(model)
     if settings.lora.enabled:
         settings.lora.check()
         if not init_from or not Path(init_from).is_dir():
@@ -244,17 +252,35 @@ def load_weights(model: LlavaUHD, path: str | Path) -> None:
     log.info("initialised weights from %s (%d tensors)", path, len(state))
 
 
-def reinit_wtc_gates(model: nn.Module) -> list[str]:
-    """Fresh content-adaptive WTC gates (W1 random, b1 / W2 / b2 zero: exact average pooling, live gradient)."""
+def _content_adaptive_wtc(model: nn.Module, key: str) -> list[str]:
+    """Names of the content-adaptive WTC modules (``key``, the setting that asks: refused when there are none)."""
     from .vision.pvc import WindowedTokenCompression
 
     names = [n for n, m in model.named_modules()
              if isinstance(m, WindowedTokenCompression) and m.pooling == "content_adaptive"]
     if not names:
-        raise SettingsError("model.reinit_wtc_gate: the encoder has no content-adaptive WTC gate")
+        raise SettingsError(f"{key}: the encoder has no content-adaptive WTC gate")
+    return names
+
+
+def reinit_wtc_gates(model: nn.Module) -> list[str]:
+    """Fresh content-adaptive WTC gates (W1 random, b1 / W2 / b2 zero: exact average pooling, live gradient)."""
+    names = _content_adaptive_wtc(model, "model.reinit_wtc_gate")
     for name in names:
         model.get_submodule(name).reset_parameters()
     log.info("reinit_wtc_gate: %d WTC gates re-initialised (%s)", len(names), ", ".join(names))
+    return names
+
+
+def zero_wtc_gates(model: nn.Module) -> list[str]:
+    """Every content-adaptive WTC gate all zero (W1, b1, W2, b2), as the released model's loader leaves them."""
+    names = _content_adaptive_wtc(model, "model.zero_wtc_gate")
+    with torch.no_grad():
+        for name in names:
+            for param in model.get_submodule(name).parameters():
+                param.zero_()
+    log.info("zero_wtc_gate: %d WTC gates zeroed (%s): average pooling that never trains", len(names),
+             ", ".join(names))
     return names
 
 

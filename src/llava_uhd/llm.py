@@ -9,6 +9,7 @@ Two sources, nothing fetched from a hub:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,23 @@ def load_llm(
     return model
 
 
+MODEL_FOLDER_TYPE = "llava_uhd"
+"""``model_type`` of this package's model folders (written by ``LlavaUHD.save_pretrained`` for serving)."""
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Tokenizer from a local Hugging Face directory; it must carry a chat template."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    """Tokenizer from a local Hugging Face directory; it must carry a chat template.
+
+    In one of our model folders the ``config.json`` is the model's, which transformers does not know: the tokenizer
+    class then comes from ``tokenizer_config.json`` alone (otherwise transformers warns that it reads the folder's
+    config as an unknown model type)."""
+    options: dict[str, Any] = {}
+    try:
+        if json.loads((Path(path) / "config.json").read_text()).get("model_type") == MODEL_FOLDER_TYPE:
+            options["config"] = PretrainedConfig()
+    except (OSError, ValueError, AttributeError):
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **options)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer in {path} has no chat template")
     return tokenizer

@@ -39,7 +39,7 @@ import llava_uhd.vision  # noqa: F401  (registers the vit_uhd_* / vit_gne_* timm
 from llava_uhd import generation, release
 from llava_uhd.errors import ReleaseError
 from llava_uhd.generation import GenerationResult
-from llava_uhd.llm import llm_config_dict, load_llm, load_tokenizer
+from llava_uhd.llm import MODEL_FOLDER_TYPE, llm_config_dict, load_llm, load_tokenizer
 from llava_uhd.lora import LoraInfo, load_adapter, save_adapter
 from llava_uhd.projector import build_projector
 from llava_uhd.tokens import ImageTokenCounter
@@ -279,7 +279,7 @@ class LlavaUHD(nn.Module):
             llm_dtype=str(self.llm.dtype).removeprefix("torch."),
         )
         # architectures / model_type: what vLLM reads to pick the model class (llava_uhd.serve); not config fields
-        serving = {"architectures": ["LlavaUHDForConditionalGeneration"], "model_type": "llava_uhd"}
+        serving = {"architectures": ["LlavaUHDForConditionalGeneration"], "model_type": MODEL_FOLDER_TYPE}
         (save_dir / CONFIG_NAME).write_text(json.dumps({**serving, **config.to_dict()}, indent=2))
         save_model(self, str(save_dir / WEIGHTS_NAME))
         self.tokenizer.save_pretrained(save_dir)

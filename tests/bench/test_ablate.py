@@ -8,18 +8,29 @@ import pytest
 import yaml
 
 from llava_uhd.bench.__main__ import main
-from llava_uhd.bench.ablate import SETS
+from llava_uhd.bench.ablate import PREALIGN_STAGE, SETS, ablation_configs, prealign_configs
 
 ABLATIONS = Path(__file__).resolve().parents[2] / "configs" / "ablations"
 
 
-def test_every_overlay_sets_one_encoder_setting():
-    assert sorted(p.stem for p in ABLATIONS.glob("*.yaml")) == sorted(n for names in SETS.values() for n in names)
-    keys = {"pooling": "wtc_pooling", "placement": "wtc_layers", "patch": "patch_size"}
+SET_KEYS = {"pooling": {"wtc_pooling"}, "placement": {"wtc_layers"}, "patch": {"patch_size"},
+            "prealign": {"zero_wtc_gate"}, "where-compress": {"wtc_layers", "wtc_pooling", "encoder", "projector"}}
+"""The model settings each set's overlays may change (where-compress: where and how it compresses, or not at all)."""
+
+
+def test_every_overlay_changes_only_what_its_set_studies():
+    names = sorted(n for names in SETS.values() for n in names)
+    assert sorted(p.stem for p in ABLATIONS.glob("*.yaml")) == sorted([*names, PREALIGN_STAGE.stem])
     for set_name, names in SETS.items():
         for name in names:
             overlay = yaml.safe_load((ABLATIONS / f"{name}.yaml").read_text())
-            assert list(overlay["model"]["init_args"]) == [keys[set_name]], name
+            assert list(overlay) == ["model"] and set(overlay["model"]["init_args"]) <= SET_KEYS[set_name], name
+    assert yaml.safe_load(PREALIGN_STAGE.read_text()) == {"model": {"class_path": "llava_uhd.stages.PreAlignment"}}
+
+
+def test_prealign_on_configs_are_trained_after_a_prealignment_run():
+    assert prealign_configs("prealign_off_live") == [] and prealign_configs("prealign_off_dead") == []
+    assert prealign_configs("prealign_on_dead") == [*ablation_configs("prealign_on_dead"), PREALIGN_STAGE]
 
 
 def args(tmp_path, *extra):
@@ -52,3 +63,26 @@ def test_ablate_writes_a_row_per_config_with_cost_and_seed_records(tmp_path):
 def test_ablate_rejects_a_config_outside_the_set(tmp_path, capsys):
     assert main(args(tmp_path, "--configs", "patch10")) == 2
     assert "patch10 not in set pooling" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_prealign_run_trains_stage_one_first_and_keeps_a_dead_gate_dead(tmp_path):
+    from safetensors.torch import load_file
+
+    argv = args(tmp_path)
+    argv[argv.index("pooling")] = "prealign"
+    argv[argv.index("pooling_avg")] = "prealign_on_dead"
+    assert main([*argv, "--prealign-steps", "2"]) == 0
+    run = tmp_path / "runs" / "where" / "prealign_on_dead" / "seed0"
+    prealign = run / "prealign" / "stage1"
+    assert (prealign / "export" / "model.safetensors").is_file()
+    assert "llava_uhd.stages.PreAlignment" in (prealign / "config.yaml").read_text()
+    command = json.loads((run / "fit_command.json").read_text())
+    assert command[command.index("--model.init_from") + 1] == str(prealign / "export")
+    gates = {k: v for k, v in load_file(str(run / "export" / "model.safetensors")).items()
+             if ".wtc." in k and k.endswith("weight")}
+    # W1 and W2 zeroed, and still zero after 2 + 2 steps: the gate's softmax sees the same logit (b2, shared by the
+    # four positions) for every position, exact average pooling whatever b2 drifts to by rounding
+    assert len(gates) == 4 and all(not v.any() for v in gates.values())
+    record = json.loads((run / "result.json").read_text())
+    assert record["settings"]["prealign"]["steps"] == 2 and record["set"] == "prealign"

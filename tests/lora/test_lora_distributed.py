@@ -4,6 +4,7 @@ every batch; the FSDP2 export path (a meta copy filled with the gathered state) 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,13 @@ def worker(rank: int, base: str, port: str, out: str) -> None:
         states[mode] = trained_state(model)  # FSDP2: a collective, every rank
     if rank == 0:
         torch.save(states, out)
+    # Both ranks finish every collective before either tears gloo down, and the worker leaves without interpreter
+    # finalisation: gloo threads still holding tensors at exit can abort it (SIGABRT) after every check has passed.
+    del model, states
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_ddp_and_fsdp2_train_the_adapters_one_process_does(lora_base, tmp_path):

@@ -268,3 +268,32 @@ def test_encoding_under_inference_mode_leaves_caches_usable_for_training(name):
     packed = model([images[0], images[1, :, :40]]).tokens
     (dense.sum() + packed.sum()).backward()
     assert model.patch_embed.proj.weight.grad is not None
+
+
+def test_a_repeated_wtc_index_compresses_after_that_block_as_a_4x4_mean():
+    """wtc_layers (6, 6) on a 6-block ViT: nothing compressed inside it, the same 16x after its last block; with
+    avg pooling that is the 4x4 mean of the uncompressed ViT's last tokens."""
+    torch.manual_seed(0)
+    after = timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_layers=(6, 6), wtc_pooling="avg").eval()
+    plain = timm.create_model("vit_uhd_tiny_patch10_siglip", wtc_layers=()).eval()
+    plain.load_state_dict(after.state_dict())
+    assert list(after.wtc) == ["6", "6_2"] and after.reduction == 40
+    kept = {}
+    plain.norm.register_forward_hook(lambda m, args, out: kept.update(tokens=args[0]))
+    image = torch.randn(1, 3, 160, 240)
+    with torch.no_grad():
+        out = after(image)
+        plain(image)
+        h, w = 16, 24
+        grid = kept["tokens"][0].view(h, w, -1).permute(2, 0, 1)
+        expected = plain.norm(F.avg_pool2d(grid[None], 4)[0].flatten(1).T)
+    assert out.grids == [(4, 6)]
+    torch.testing.assert_close(out.tokens[0], expected, atol=1e-5, rtol=1e-5)
+    packed = after([image[0], torch.randn(3, 80, 120)])
+    assert packed.grids == [(4, 6), (2, 3)]
+    torch.testing.assert_close(packed.tokens[:24], out.tokens[0], atol=1e-5, rtol=1e-5)
+
+
+def test_wtc_layers_must_not_decrease():
+    with pytest.raises(ValueError, match=r"wtc_layers: must be increasing \(an index may repeat\), got \[4, 2\]"):
+        ViTUHDConfig(depth=6, wtc_layers=(4, 2))

@@ -15,6 +15,16 @@ Sets (tiny ViT: 6 blocks; the paper's SO400M has 27 with WTC after blocks 4 and 
 - ``placement``: ``wtc_early`` [1, 2], ``wtc_paper`` [2, 4] (4/27 and 18/27 of the depth scale to 0.9 and
   4.0 of 6 blocks, i.e. one early and one two-thirds-deep WTC), ``wtc_late`` [5, 6].
 - ``patch``: RPE patch ``patch14``, ``patch12``, ``patch10`` (the paper's), ``patch8``.
+- ``prealign``: stage-1 pre-alignment (``PreAlignment``: patch embedding, WTC and projector train, ViT blocks and
+  LLM frozen; ``--prealign-steps``, on the same data and seed) before the run or not, crossed with the WTC gate
+  as this project initialises it (live: W2 = b2 = 0, W1 random) or as the released model's loader leaves it (dead:
+  every gate parameter zero, ``model.zero_wtc_gate``: average pooling with exactly zero gradient):
+  ``prealign_off_live`` (the pilot's PVC arm), ``prealign_off_dead``, ``prealign_on_live``, ``prealign_on_dead``.
+- ``where-compress``: the same patch-10 ViT and ``mlp`` projector, only where and how the 16x reduction happens:
+  ``compress_inside`` (ViT-UHD: content-adaptive WTC after blocks 2 and 4), ``compress_after_content_adaptive``,
+  ``compress_after_avg``, ``compress_after_pixel_unshuffle`` (no compression inside the ViT; two 2x2 WTC steps
+  after its last block: ``wtc_layers [6, 6]``; two 2x2 means are the 4x4 mean), and ``gne_mlp`` (the GNE at patch
+  14 with the same ``mlp`` projector, no reduction at all: the pilot's GNE arm without its merger).
 
 Outputs in ``--out``, ``<stem> = ablate_<set>_<task>``: ``<stem>.csv`` (one row per config), ``<stem>_seeds.csv``,
 ``.json``, ``.md``, ``.png`` (accuracy vs encoder GFLOPs: per-seed points, mean +- std), ``_loss.png`` (training
@@ -49,7 +59,17 @@ SETS: dict[str, tuple[str, ...]] = {
     "pooling": ("pooling_avg", "pooling_content_adaptive", "pooling_pixel_unshuffle"),
     "placement": ("wtc_early", "wtc_paper", "wtc_late"),
     "patch": ("patch14", "patch12", "patch10", "patch8"),
+    "prealign": ("prealign_off_live", "prealign_off_dead", "prealign_on_live", "prealign_on_dead"),
+    "where-compress": ("compress_inside", "compress_after_content_adaptive", "compress_after_avg",
+                       "compress_after_pixel_unshuffle", "gne_mlp"),
 }
+PREALIGN_STAGE = CONFIGS / "ablations" / "prealign_stage.yaml"
+"""The overlay that turns a run's configs into its pre-alignment run (stage 1's module over the same stack)."""
+
+
+def prealign_configs(name: str) -> list[Path]:
+    """The configs of the pre-alignment run trained before config ``name`` (none unless it is ``prealign_on_*``)."""
+    return [*ablation_configs(name), PREALIGN_STAGE] if name.startswith("prealign_on_") else []
 
 
 def ablation_configs(name: str) -> list[Path]:
@@ -62,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", nargs="+", metavar="NAME",
                         help="only these configs of the chosen set(s) (default: all), e.g. to re-run one")
     parser.add_argument("--steps", type=positive, default=300, help="training steps per run")
+    parser.add_argument("--prealign-steps", type=positive, default=500,
+                        help="steps of the pre-alignment run before a prealign_on_* config (set prealign)")
     parser.add_argument("--out", default="docs/ablations")
     parser.add_argument("--runs", default="runs/ablations", help="where the trained runs go (per task, config, seed)")
     add_shared_arguments(parser)
@@ -92,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
                         continue
                     started = time.perf_counter()
                     jobs = make_jobs(args, names, ablation_configs, data, Path(args.runs) / task,
-                                     labels=lambda name, s=set_name: {"set": s}, flops=True)
+                                     labels=lambda name, s=set_name: {"set": s}, flops=True,
+                                     prealign=prealign_configs, prealign_steps=args.prealign_steps)
                     records = run_jobs(jobs, args.reuse, args.jobs, locks)
                     info = {"command": args.command_line, "set": set_name,
                             "task": task, "steps": args.steps, "seeds": list(data), "jobs": args.jobs,
                             "threads": args.threads, "data": asdict(spec), "chance": chance(spec),
+                            "prealign_steps": args.prealign_steps if set_name == "prealign" else None,
                             "total_s": round(time.perf_counter() - started, 1)}
                     write_ablate(Path(args.out), f"ablate_{set_name}_{task}", records, info)
     except (RunError, OSError) as err:

@@ -68,7 +68,8 @@ class ViTUHDConfig:
     at unit scale, MAE-style; still learned). From scratch a random 0.02 pos-embed is drowned by the patch
     features and a small model is slow to learn where things are; the tiny models start from ``sincos``."""
     wtc_layers: tuple[int, ...] = (4, 18)
-    """1-based block indices after which a 2x2 WTC runs."""
+    """1-based block indices after which a 2x2 WTC runs; an index given twice runs two WTC steps there (``(6, 6)``
+    on a 6-block ViT: no compression inside it, the same 16x after its last block)."""
     wtc_pooling: str = "content_adaptive"
     """WTC pooling kind: avg | content_adaptive | pixel_unshuffle."""
     qkv_bias: bool = True
@@ -100,8 +101,8 @@ class ViTUHDConfig:
             raise ValueError(
                 f"wtc_layers: block indices {bad} are outside 1..{self.depth} (1-based, depth {self.depth})"
             )
-        if list(self.wtc_layers) != sorted(set(self.wtc_layers)):
-            raise ValueError(f"wtc_layers: must be strictly increasing, got {list(self.wtc_layers)}")
+        if list(self.wtc_layers) != sorted(self.wtc_layers):
+            raise ValueError(f"wtc_layers: must be increasing (an index may repeat), got {list(self.wtc_layers)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -151,6 +152,17 @@ class ViTUHDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+
+def wtc_keys(layers: tuple[int, ...]) -> list[str]:
+    """Module names of the WTC steps after ``layers`` (1-based blocks): ``"4"``; a second step after the same block
+    ``"4_2"``."""
+    seen: dict[int, int] = defaultdict(int)
+    keys = []
+    for index in layers:
+        seen[index] += 1
+        keys.append(str(index) if seen[index] == 1 else f"{index}_{seen[index]}")
+    return keys
 
 
 def encoder_name(cfg: ViTUHDConfig) -> str:
@@ -205,8 +217,11 @@ class ViTUHD(VisionTransformer):
                 sincos = build_sincos2d_pos_embed(grid, cfg.embed_dim, device=self.pos_embed.device)
                 self.pos_embed.copy_(sincos.to(self.pos_embed.dtype).unsqueeze(0))
         self.wtc = nn.ModuleDict(
-            {str(i): WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for i in cfg.wtc_layers}
+            {key: WindowedTokenCompression(cfg.embed_dim, cfg.wtc_pooling) for key in wtc_keys(cfg.wtc_layers)}
         )
+        self._wtc_after: dict[int, list[str]] = defaultdict(list)
+        for index, key in zip(cfg.wtc_layers, self.wtc, strict=True):
+            self._wtc_after[index].append(key)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.rope_tables = RopeTables(cfg.head_dim, cfg.rope_theta, len(cfg.wtc_layers))
         self.registry_name = encoder_name(cfg)
@@ -323,9 +338,8 @@ class ViTUHD(VisionTransformer):
                     if self._ckpt()
                     else packed_block(block, x, lengths, rope, impl)
                 )
-            wtc = self.wtc[str(index)] if str(index) in self.wtc else None
-            if wtc is not None:
-                x = wtc(x)
+            for key in self._wtc_after.get(index, ()):
+                x = self.wtc[key](x)
                 lengths = None if lengths is None else [n // 4 for n in lengths]
                 level += 1
                 rope = self.rope_tables.at(grids, level, x.device) if rope_on else None
