@@ -17,7 +17,7 @@ from torch import nn
 
 from llava_uhd.hook_warnings import IgnoreBetweenHooks
 from llava_uhd.lora import adapted_parts, is_adapter, trains
-from llava_uhd.stages import PARTS, part_of
+from llava_uhd.parts import PARTS, part_of
 
 log = logging.getLogger(__name__)
 

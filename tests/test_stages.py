@@ -7,7 +7,8 @@ import torch
 from datamodules import UHDDataModule, write_synthetic
 from llava_uhd.build import read_weights, reinit_wtc_gates
 from llava_uhd.errors import MissingFileError, SettingsError
-from llava_uhd.stages import PARTS, SFT, part_of
+from llava_uhd.parts import PARTS, part_of
+from llava_uhd.stages import SFT
 
 
 @pytest.fixture(scope="module")

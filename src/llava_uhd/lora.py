@@ -3,7 +3,7 @@ the ViT, and their files in PEFT's own format.
 
 Adapters are injected with ``peft.inject_adapter_in_model`` into ``model.llm`` and / or ``model.encoder``, so every
 parameter keeps its ``LlavaUHD`` name (the adapted layer's own weight moves to ``<layer>.base_layer.weight``, the
-adapter is ``<layer>.lora_A.default.weight`` / ``lora_B``) and :func:`llava_uhd.stages.part_of` files each adapter
+adapter is ``<layer>.lora_A.default.weight`` / ``lora_B``) and :func:`llava_uhd.parts.part_of` files each adapter
 under the part it sits in (``llm`` or ``vit``): it trains at that part's learning rate. A part that holds adapters
 trains only its adapters, whatever ``model.trainable`` says; the other parts train or stay frozen as the stage
 says (the usual LLaVA recipe: LLM adapters beside a fully trained projector and WTC gates).
@@ -31,19 +31,16 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from .errors import MissingFileError, SettingsError
 from .parts import part_of
-
-if TYPE_CHECKING:
-    from .mllm import LlavaUHD
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,20 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "llava_uhd.lora/1"
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every key
+
+
+class AdaptableModel(Protocol):
+    """What the adapter code needs of a model (:class:`llava_uhd.mllm.LlavaUHD`, which imports this module): the
+    two submodules adapters go into, the model's config, its ``lora`` record and its parameters."""
+
+    llm: nn.Module
+    encoder: nn.Module
+    config: Any
+    lora: LoraInfo | None
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ def linear_names(module: nn.Module, scope: str) -> dict[str, str]:
     return found
 
 
-def plan_targets(model: LlavaUHD, settings: LoraSettings) -> dict[str, tuple[str, list[str]]]:
+def plan_targets(model: AdaptableModel, settings: LoraSettings) -> dict[str, tuple[str, list[str]]]:
     """``{submodule: (regex for LoraConfig.target_modules, adapted layer names)}``; an unknown target module is a
     :class:`SettingsError` naming the layers there are."""
     wanted = settings.target_modules
@@ -243,7 +254,7 @@ def plan_targets(model: LlavaUHD, settings: LoraSettings) -> dict[str, tuple[str
     return plan
 
 
-def base_digest(model: LlavaUHD, plan: dict[str, tuple[str, list[str]]]) -> str | None:
+def base_digest(model: AdaptableModel, plan: dict[str, tuple[str, list[str]]]) -> str | None:
     """A digest of the weights the adapters sit on (names, shapes and a sample of values, rounded to bfloat16 so
     that a base saved in another float dtype matches): an adapter is refused on another base. None on meta."""
     h = hashlib.sha256()
@@ -327,7 +338,7 @@ def inject(module: nn.Module, config) -> None:
     cast_adapter_dtype(module, ADAPTER_NAME, autocast_adapter_dtype=True)
 
 
-def apply_lora(model: LlavaUHD, settings: LoraSettings, base: str | None) -> LoraInfo:
+def apply_lora(model: AdaptableModel, settings: LoraSettings, base: str | None) -> LoraInfo:
     """Adapters on ``model`` as ``settings`` say (QLoRA: the LLM quantized first); sets and returns ``model.lora``."""
     settings.check()
     if settings.qlora:
@@ -347,7 +358,7 @@ def apply_lora(model: LlavaUHD, settings: LoraSettings, base: str | None) -> Lor
     return model.lora
 
 
-def attach_like(copy: LlavaUHD, model: LlavaUHD) -> None:
+def attach_like(copy: AdaptableModel, model: AdaptableModel) -> None:
     """The adapters ``model`` holds, injected into ``copy`` (same structure, same names; weights not copied)."""
     for module_name in ADAPTED_MODULES:
         config = getattr(getattr(model, module_name), "peft_config", {}).get(ADAPTER_NAME)
@@ -357,7 +368,7 @@ def attach_like(copy: LlavaUHD, model: LlavaUHD) -> None:
 
 
 # -- files -------------------------------------------------------------------------------------------------------
-def save_adapter(model: LlavaUHD, out: str | Path) -> Path:
+def save_adapter(model: AdaptableModel, out: str | Path) -> Path:
     """Write ``model``'s adapters in PEFT's format, its stored parts and the manifest into ``out``."""
     from peft.functional import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -431,7 +442,8 @@ def _adapter_configs(folder: Path, manifest: dict[str, Any], key: str) -> dict[s
     return configs
 
 
-def check_base(model: LlavaUHD, folder: Path, manifest: dict[str, Any], configs: dict[str, Any], key: str) -> None:
+def check_base(model: AdaptableModel, folder: Path, manifest: dict[str, Any], configs: dict[str, Any],
+               key: str) -> None:
     """Refuse an adapter made for another base: a target layer this model lacks, or other base weights."""
     plan = {}
     for module_name, (config, _) in configs.items():
@@ -454,7 +466,7 @@ def check_base(model: LlavaUHD, folder: Path, manifest: dict[str, Any], configs:
                                 f"digest {expected}); this base's adapted weights give {found}")
 
 
-def load_adapter(model: LlavaUHD, folder: str | Path, key: str = "adapter") -> LoraInfo:
+def load_adapter(model: AdaptableModel, folder: str | Path, key: str = "adapter") -> LoraInfo:
     """``folder``'s adapters onto ``model`` without merging (the structure training used) and its stored parts."""
     from peft.functional import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -495,7 +507,7 @@ def load_adapter(model: LlavaUHD, folder: str | Path, key: str = "adapter") -> L
     return model.lora
 
 
-def merge_adapter(model: LlavaUHD, folder: str | Path, key: str = "--adapter") -> LlavaUHD:
+def merge_adapter(model: AdaptableModel, folder: str | Path, key: str = "--adapter") -> AdaptableModel:
     """``folder``'s adapters merged into ``model``'s weights through ``peft.PeftModel.from_pretrained(...)
     .merge_and_unload()``, and its stored parts loaded: a plain model (no adapter layers)."""
     from peft import PeftModel

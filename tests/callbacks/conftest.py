@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from datamodules import write_synthetic
-from llava_uhd.stages import PARTS
+from llava_uhd.parts import PARTS
 
 from ..helpers.fit import tiny_datamodule, tiny_fit
 

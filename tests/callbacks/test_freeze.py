@@ -9,7 +9,8 @@ import torch
 
 from callbacks import StageFreeze
 from callbacks.freeze import module_parts
-from llava_uhd.stages import SFT, PreAlignment, Pretrain, part_of
+from llava_uhd.parts import part_of
+from llava_uhd.stages import SFT, PreAlignment, Pretrain
 
 from .conftest import HIGH_LR
 

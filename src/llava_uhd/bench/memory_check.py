@@ -57,7 +57,7 @@ def worker(config: str, mode: str, checkpointing: bool) -> dict:
     """In a fresh process: build the small model of ``mode``, train two steps, return the peak over them."""
     import torch
 
-    from llava_uhd.bench.memory import read_settings, run_shape
+    from llava_uhd.bench.memory_plan import read_settings, run_shape
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def worker(config: str, mode: str, checkpointing: bool) -> dict:
 def _setup(shape, mode: str, checkpointing: bool, tokenizer: str, images: int | None = None):
     import torch
 
-    from llava_uhd.bench.memory import prepared_model
+    from llava_uhd.bench.memory_plan import prepared_model
 
     model, _ = prepared_model(shape, mode, checkpointing, tokenizer, "cpu")
     model.train()
@@ -114,7 +114,7 @@ def measure(config: Path, mode: str, checkpointing: bool) -> dict:
 
 
 def check(out: str | Path) -> list[dict]:
-    from llava_uhd.bench.memory import per_gpu, plan
+    from llava_uhd.bench.memory_plan import per_gpu, plan
     from llava_uhd.tokenizer import build_tiny_tokenizer
 
     out = Path(out)
