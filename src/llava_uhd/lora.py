@@ -316,6 +316,9 @@ def quantize_llm(llm: nn.Module) -> int:
         if module.bias is not None:
             quant.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         quant = quant.to(weight.device)  # bitsandbytes quantizes on the move
+        # On a CPU with AVX512-BF16, bitsandbytes repacks the weights for inference at the first forward in eval mode
+        # (validation, generation), and the repacked layer then fails the next training forward: keep one layout.
+        quant.support_avx512bf16_for_cpu = False
         owner, _, attr = name.rpartition(".")
         setattr(llm.get_submodule(owner), attr, quant)
         count += 1

@@ -243,6 +243,12 @@ def test_qlora_trains_adapters_over_a_4bit_llm(lora_base, photo_shards, tmp_path
     quantized = {n: m.weight.detach().clone() for n, m in module.model.llm.named_modules()
                  if isinstance(m, bnb.nn.Linear4bit)}
     assert len(quantized) == 14 and all(w.dtype == torch.uint8 for w in quantized.values())
+    # an answer in eval mode first (validation, generation): the 4-bit layers must still train afterwards (on a CPU
+    # with AVX512-BF16 bitsandbytes would repack them for inference, and the next training forward would fail)
+    photo = Image.fromarray(load_sample_image("china.jpg")).resize((100, 70))
+    module.model.eval()
+    module.model.generate(photo, "Describe the photo.", max_new_tokens=2)
+    module.model.train()
     record = fit(module, photo_shards, tmp_path, 4)
     assert all(is_adapter(n) or n.startswith(("projector.", "encoder.wtc.")) for n in record.optimized)
     layers = dict(module.model.llm.named_modules())
