@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from datamodules.samples import IMAGE_EXTENSIONS, SampleError, check_sample
 from datamodules.writer import ShardSetWriter, replacing_dir
+from llava_uhd.arguments import positive_int
 from llava_uhd.errors import SettingsError
 
 
@@ -202,16 +203,6 @@ def convert_folder(images: str, out: str, shard_size: int = 1000, overwrite: boo
                     os.path.abspath(images))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (samples per shard), got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m datamodules.convert",
                                      description="Convert datasets to webdataset shards.")
@@ -222,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     for command in (llava, folder):
         command.add_argument("--images", required=True, help="folder the records' image paths are relative to")
         command.add_argument("--out", required=True, help="new (or empty) folder for the shards")
-        command.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
+        command.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
         command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     return parser
 

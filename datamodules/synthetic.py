@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from datamodules.writer import ShardSetWriter
+from llava_uhd.arguments import positive_int
 
 TASKS = ("shapegrid", "textgrid", "caption")
 COLOURS = {
@@ -304,27 +305,17 @@ def write_synthetic(
     return writer.close(task=task, seed=seed, min_side=min_side, max_side=max_side)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI; a mistake (a count under 1, bad sides, an output folder that already holds files) is one parser
     error and exit status 2, before anything is written."""
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--n", type=_at_least_one, required=True, help="samples to write")
+    parser.add_argument("--n", type=positive_int, required=True, help="samples to write")
     parser.add_argument("--out", required=True, help="a new or empty folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-side", type=_at_least_one, default=256)
-    parser.add_argument("--max-side", type=_at_least_one, default=1536)
-    parser.add_argument("--shard-size", type=_at_least_one, default=256, help="samples per shard")
+    parser.add_argument("--min-side", type=positive_int, default=256)
+    parser.add_argument("--max-side", type=positive_int, default=1536)
+    parser.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard")
     args = parser.parse_args(argv)
     if not 16 <= args.min_side <= args.max_side:
         parser.error(f"--min-side / --max-side: need 16 <= min-side <= max-side, got {args.min_side}, "

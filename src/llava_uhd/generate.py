@@ -21,18 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llava_uhd.arguments import positive_int
 from llava_uhd.errors import ReleaseError, SettingsError, UsageError
 from llava_uhd.vision.resize import POLICIES
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA run's adapter folder, put on --model without merging")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes")
-    p.add_argument("--num-beams", type=_positive, default=1, help="beam search width (1: greedy; release: 3)")
-    p.add_argument("--max-new-tokens", type=_positive, default=512, help="cap on the answer's tokens")
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1: greedy; release: 3)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="cap on the answer's tokens")
     p.add_argument("--resize-policy", choices=POLICIES, default=None,
                    help="resize rule (default: the folder's; a release: release)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

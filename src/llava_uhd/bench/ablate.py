@@ -42,6 +42,7 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
+from llava_uhd.arguments import positive_int
 from llava_uhd.bench.pilot import (
     CONFIGS,
     add_shared_arguments,
@@ -49,7 +50,6 @@ from llava_uhd.bench.pilot import (
     check,
     make_jobs,
     pilot_configs,
-    positive,
     prepare,
     run_jobs,
 )
@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", choices=[*SETS, "all"], default="pooling", dest="ablation")
     parser.add_argument("--configs", nargs="+", metavar="NAME",
                         help="only these configs of the chosen set(s) (default: all), e.g. to re-run one")
-    parser.add_argument("--steps", type=positive, default=300, help="training steps per run")
-    parser.add_argument("--prealign-steps", type=positive, default=500,
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per run")
+    parser.add_argument("--prealign-steps", type=positive_int, default=500,
                         help="steps of the pre-alignment run before a prealign_on_* config (set prealign)")
     parser.add_argument("--out", default="docs/ablations")
     parser.add_argument("--runs", default="runs/ablations", help="where the trained runs go (per task, config, seed)")

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from llava_uhd.arguments import positive_int
 from llava_uhd.bench.memory_plan import GIB, MODES, Estimate, RunShape, per_gpu, plan
 from llava_uhd.errors import SettingsError
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positives(text: str) -> list[int]:
-    return [_positive(t.strip()) for t in text.split(",")]
+    return [positive_int(t.strip()) for t in text.split(",")]
 
 
 def _strategies(text: str) -> list[str]:
@@ -38,16 +39,6 @@ def _strategies(text: str) -> list[str]:
     if not all(t in ("ddp", "fsdp2") for t in found):
         raise argparse.ArgumentTypeError(f"expected ddp, fsdp2 or ddp,fsdp2, got {text!r}")
     return found
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # -- settings ------------------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ import datamodules.synthetic
 import datamodules.writer
 from datamodules.synthetic import PILOT_QUESTIONS, PILOT_SHAPE_PAD, PilotData, pilot_chance, pilot_sample
 from datamodules.writer import ShardSetWriter, replacing_dir
+from llava_uhd.arguments import non_negative_int, positive_int
 from llava_uhd.bench.figures import LEARNED_LOSS
 from llava_uhd.bench.runs import (
     ROOT,
@@ -444,40 +445,22 @@ def seed_list(values: list[int]) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def _count(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-    return value
-
-
-def positive(text: str) -> int:
-    return _count(text, 1)
-
-
-def non_negative(text: str) -> int:
-    return _count(text, 0)
-
-
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Data, seeds, parallelism and run options shared by ``bench pilot`` and ``bench ablate``."""
     parser.add_argument("--task", "--question", nargs="+", choices=PILOT_QUESTIONS, default=[PilotData.question],
                         dest="tasks", help="pilot task(s); each gets its own outputs")
-    parser.add_argument("--seeds", nargs="+", type=non_negative, default=[1], metavar="S",
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[1], metavar="S",
                         help="N (seeds 0..N-1) or a list of seeds, e.g. --seeds 0 1 2 (one seed k: --seeds k k)")
-    parser.add_argument("--jobs", type=positive, default=1, help="runs trained side by side (processes)")
-    parser.add_argument("--threads", type=non_negative, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs trained side by side (processes)")
+    parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="torch threads per run (0: torch's default); 1 is steadier on a shared CPU")
     parser.add_argument("--data", default="data/pilot", help="where the generated shards go (per task and seed)")
     parser.add_argument("--tokenizer", default="data/tiny/tokenizer", help="tiny tokenizer dir (built if missing)")
-    parser.add_argument("--grid", type=positive, default=PilotData.grid)
-    parser.add_argument("--min-side", type=positive, default=PilotData.min_side)
-    parser.add_argument("--max-side", type=positive, default=PilotData.max_side)
-    parser.add_argument("--train-samples", type=positive, default=PilotData.train)
-    parser.add_argument("--test-samples", type=positive, default=PilotData.test)
+    parser.add_argument("--grid", type=positive_int, default=PilotData.grid)
+    parser.add_argument("--min-side", type=positive_int, default=PilotData.min_side)
+    parser.add_argument("--max-side", type=positive_int, default=PilotData.max_side)
+    parser.add_argument("--train-samples", type=positive_int, default=PilotData.train)
+    parser.add_argument("--test-samples", type=positive_int, default=PilotData.test)
     parser.add_argument("--reuse", action="store_true",
                         help="re-score earlier runs whose recorded commit and config hash match instead of training")
     parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
@@ -533,7 +516,7 @@ def make_jobs(args: argparse.Namespace, names: list[str], configs, data: dict, r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=positive, default=600, help="training steps per run")
+    parser.add_argument("--steps", type=positive_int, default=600, help="training steps per run")
     parser.add_argument("--out", default="docs/pilot", help="where the tables and figures go")
     parser.add_argument("--runs", default="runs/pilot", help="where the trained runs go (per task, arm and seed)")
     parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llava_uhd.arguments import positive_int
 from llava_uhd.errors import EvalError
 
 from .run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, predictions_path
@@ -31,16 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llava_uhd.eval")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava_uhd.eval",
                                      description="Benchmarks from local VLMEvalKit TSV files: run, score, table.")
@@ -50,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--adapter", default=None, help="a LoRA run's adapter folder, put on --model without merging")
     run.add_argument("--data", required=True, action="append", help="benchmark TSV (repeatable)")
     run.add_argument("--out", required=True, help="output folder for predictions and scores")
-    run.add_argument("--batch-size", type=_positive, default=1)
-    run.add_argument("--num-beams", type=_positive, default=DEFAULT_NUM_BEAMS)
-    run.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
-    run.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each file")
+    run.add_argument("--batch-size", type=positive_int, default=1)
+    run.add_argument("--num-beams", type=positive_int, default=DEFAULT_NUM_BEAMS)
+    run.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of each file")
     run.add_argument("--kind", choices=KINDS, default=None, help="scoring kind (default: from the file name)")
     run.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, ...)")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -70,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="write a tiny random model and two small drawn benchmark TSVs",
                           allow_abbrev=False)
     tiny.add_argument("--out", required=True)
-    tiny.add_argument("--rows", type=_positive, default=64, help="rows per benchmark file")
+    tiny.add_argument("--rows", type=positive_int, default=64, help="rows per benchmark file")
     return parser
 
 
